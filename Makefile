@@ -22,20 +22,26 @@ TOOL_HOME := $(CURDIR)/tests/output/.home
 # Debian 12 / Ubuntu 22.04+ packages the test suite needs (all exist in Debian 12).
 DEB_PACKAGES := \
 	ca-certificates \
+	debootstrap \
 	dnsmasq-base \
 	e2fsprogs \
 	git \
 	iproute2 \
 	kmod \
+	lz4 \
+	mmdebstrap \
 	nftables \
 	procps \
 	python3 \
 	python3-pip \
 	python3-venv \
+	qemu-system-x86 \
 	shellcheck \
-	util-linux
+	systemd \
+	util-linux \
+	zstd
 
-.PHONY: help deps venv sanity unit integration compat lint docs-lint changelog-lint test quickstart build clean
+.PHONY: help deps venv sanity unit integration standin compat lint docs-lint changelog-lint test quickstart build clean
 
 help:
 	@echo "make quickstart      deps + venv, then run playbooks/quickstart.yml on localhost (root)"
@@ -45,6 +51,7 @@ help:
 	@echo "make sanity          ansible-test sanity, offline, no Docker (hack/ansible-test-sanity.sh)"
 	@echo "make unit            pytest tests/unit"
 	@echo "make integration     pytest tests/integration (root; real kernel objects in network namespaces)"
+	@echo "make standin         the Firecracker API stand-in's own conformance and boot tests (root)"
 	@echo "make compat          unit + module integration tests again with the newest ansible-core on Python >= 3.12"
 	@echo "make lint            ansible-lint --profile production"
 	@echo "make docs-lint       antsibull-docs lint-collection-docs --plugin-docs"
@@ -101,6 +108,11 @@ integration: venv
 	fi
 	$(VENV)/bin/pytest tests/integration -q
 
+# The stand-in's own conformance tests (API, CLI, schema, boots under QEMU TCG). A separate
+# pytest run: tests/standin has its own conftest.
+standin: venv
+	$(VENV)/bin/pytest tests/standin -q
+
 # The same modules under the newest ansible-core, which needs Python >= 3.12 (Debian 12 has
 # 3.11; Ubuntu 24.04, pyenv or a python3.12 package provide one). The module tests run there
 # again; the slow image/VM tests stay in `make integration`.
@@ -140,11 +152,12 @@ test: deps venv
 	$(MAKE) sanity
 	$(MAKE) unit
 	$(MAKE) integration
+	$(MAKE) standin
 	$(MAKE) compat
 	$(MAKE) lint
 	$(MAKE) docs-lint
 	$(MAKE) changelog-lint
-	@echo "test: sanity, unit, integration, compat, lint, docs-lint, changelog-lint all passed"
+	@echo "test: sanity, unit, integration, standin, compat, lint, docs-lint, changelog-lint all passed"
 
 # Extra ansible-playbook arguments, e.g. QUICKSTART_ARGS='-e quickstart_state=absent'.
 QUICKSTART_ARGS ?=
