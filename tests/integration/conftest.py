@@ -177,3 +177,7 @@ def process_reaper() -> Iterator[list[subprocess.Popen]]:
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+# The session's golden image build, for every test that boots or clones it.
+from golden_build import golden  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
