@@ -1,0 +1,468 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: (c) 2026, microvm.firecracker contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: fc_vm
+short_description: One Firecracker microVM's whole lifecycle through the Firecracker API
+version_added: 0.1.0
+description:
+  - Renders the VM's Firecracker configuration (config-file format) into its state directory, starts the VMM
+    under a supervisor (C(firecracker@<name>.service) from the C(microvm.firecracker.firecracker) role on systemd
+    hosts, a daemonized process with a pidfile elsewhere), waits for the API socket and C(GET /) to say
+    C(Running), then compares C(GET /vm/config) with what was asked.
+  - A running VM with the asked configuration is left alone (C(changed=false)). A changed configuration follows
+    O(on_change). MMDS metadata changes are applied to a running VM with C(PUT /mmds), without a restart.
+  - Readiness is real; O(wait_for) polls a TCP port or an HTTP URL on the guest while the serial console is
+    watched; a kernel panic, a failed unit or the VMM exiting fails the task at once with the console lines
+    in the message.
+  - Stopping is graceful first (C(SendCtrlAltDel)), then C(SIGTERM), then C(SIGKILL), each with a deadline.
+    V(paused) and V(running) switch with C(PATCH /vm). V(hibernated) pauses, writes a full snapshot
+    (memory and state files) and stops the VMM; V(running) later restores it on a fresh VMM
+    (C(snapshot/load) with the network interfaces re-bound to their TAPs) and removes the snapshot files.
+  - V(absent) stops the VM and removes its state directory, API socket, pidfile and systemd instance drop-in
+    (console and VMM logs optionally archived first).
+  - All input is validated before anything starts, and every error names the field.
+author:
+  - microvm.firecracker contributors (@microvm)
+requirements:
+  - A Firecracker binary (or, on a lab host without KVM, the collection's stand-in) on the managed host
+  - Python >= 3.9 on the managed host; no third-party Python library
+attributes:
+  check_mode:
+    support: full
+    description: Check mode observes the VM, plans the same steps and changes nothing.
+  diff_mode:
+    support: full
+    description: The VM's state and its configuration (as the VMM reports it) before and after.
+  platform:
+    platforms: [linux]
+    support: full
+    description: Linux only.
+options:
+  name:
+    description: VM id (letters, digits and C(-), at most 64 characters); also the VMM's C(--id).
+    type: str
+    required: true
+  state:
+    description:
+      - V(running) boots (or resumes, or restores from hibernation) the VM; V(paused) keeps it in memory but
+        stopped; V(stopped) stops the VMM and keeps the VM's files; V(hibernated) snapshots and stops it;
+        V(absent) removes it entirely.
+    type: str
+    choices: [running, paused, stopped, hibernated, absent]
+    default: running
+  kernel:
+    description: Guest kernel (uncompressed ELF C(vmlinux)) on the managed host. Required unless O(state=absent).
+    type: path
+  initrd:
+    description: Guest initrd on the managed host.
+    type: path
+  boot_args:
+    description:
+      - Kernel command line. Values that look like credentials (C(user:password@), C(password=), C(token=), ...)
+        are refused; the command line is visible to every process in the guest and to the VMM's logs.
+    type: str
+    default: console=ttyS0 reboot=k panic=1
+  vcpu_count:
+    description: Number of vCPUs, a whole number 1..32 (fractions are refused).
+    type: raw
+    default: 1
+  mem_size_mib:
+    description: Guest memory in MiB, a whole number of at least 512 (smaller Debian guests die of OOM at boot).
+    type: raw
+    default: 1024
+  smt:
+    description: Simultaneous multithreading in the guest.
+    type: bool
+    default: false
+  cpu_template:
+    description: Firecracker CPU template.
+    type: str
+    choices: [None, C3, T2, T2S, T2CL, T2A, V1N1]
+  drives:
+    description: Block devices; exactly one must have O(drives[].root=true).
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      drive_id:
+        description: Drive id (letters, digits, C(_)).
+        type: str
+        required: true
+      path:
+        description: Image file on the managed host.
+        type: path
+        required: true
+      root:
+        description: The root device.
+        type: bool
+        default: false
+      read_only:
+        description: Attach read-only.
+        type: bool
+        default: false
+      cache_type:
+        description: Firecracker cache type.
+        type: str
+        choices: [Unsafe, Writeback]
+        default: Unsafe
+      io_engine:
+        description: Firecracker I/O engine.
+        type: str
+        choices: [Sync, Async]
+        default: Sync
+      rate_limiter:
+        description: Firecracker rate limiter (C(bandwidth)/C(ops) token buckets with C(size), C(refill_time), C(one_time_burst)).
+        type: dict
+  network_interfaces:
+    description: Network interfaces, each backed by an existing TAP (see M(microvm.firecracker.tap_vnet_hdr)).
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      iface_id:
+        description: Interface id (letters, digits, C(_)).
+        type: str
+        required: true
+      tap:
+        description: Name of the TAP device on the host; it must exist and be a TAP.
+        type: str
+        required: true
+      guest_mac:
+        description: Guest MAC address (unicast).
+        type: str
+      rx_rate_limiter:
+        description: Receive rate limiter.
+        type: dict
+      tx_rate_limiter:
+        description: Transmit rate limiter.
+        type: dict
+  mmds:
+    description:
+      - Enables the microVM metadata service (MMDS) on some interfaces. Keys C(version) (default V(V2)),
+        C(network_interfaces) (default the first interface), C(ipv4_address).
+    type: dict
+  mmds_metadata:
+    description:
+      - MMDS contents (a JSON object). Always treated as secret; never shown in output or diffs. Given to the
+        VMM at start (C(--metadata), a file readable by root only) and updated live with C(PUT /mmds).
+    type: raw
+  vsock:
+    description: A vsock device; keys C(guest_cid) (>= 3) and C(uds_path) (default C(<state_dir>/vsock.sock)).
+    type: dict
+  balloon:
+    description: A balloon device; keys C(amount_mib), C(deflate_on_oom), C(stats_polling_interval_s).
+    type: dict
+  log_level:
+    description: VMM log level.
+    type: str
+    choices: [Error, Warning, Info, Debug, Trace, "Off"]
+    default: Warning
+  log_path:
+    description: VMM log file (created before the VMM is told about it). Default C(<state_dir>/vmm.log).
+    type: path
+  metrics_path:
+    description: VMM metrics file.
+    type: path
+  console_log:
+    description: Where the guest's serial console (the VMM's standard output) is appended. Default C(<state_dir>/console.log).
+    type: path
+  firecracker_bin:
+    description: The VMM binary.
+    type: path
+    default: /usr/local/bin/firecracker
+  supervisor:
+    description:
+      - V(systemd) runs the VMM as C(firecracker@<name>.service); V(process) as a daemonized process with a
+        pidfile; V(auto) picks V(systemd) when systemd is running.
+    type: str
+    choices: [auto, systemd, process]
+    default: auto
+  autostart:
+    description: With the V(systemd) supervisor, enable the unit so the VM starts at boot.
+    type: bool
+    default: false
+  state_dir:
+    description: The VM's directory (mode 0700). Default C(/var/lib/firecracker/vms/<name>).
+    type: path
+  netns:
+    description:
+      - Run the VMM inside this named network namespace (C(/run/netns/NAME)); its TAPs must be there, and
+        O(wait_for) is probed from there. The launch script enters it with C(nsenter) (util-linux).
+    type: str
+  wait_for:
+    description:
+      - A readiness check on the guest, polled after boot (and verified on every run while the VM runs).
+        Keys C(host), C(port), optional C(http_path) (then an HTTP GET must answer C(http_status), default 200,
+        and contain C(contains) when given) and C(timeout) in seconds (default 120).
+    type: dict
+  on_change:
+    description:
+      - What to do when a running VM's configuration differs from the asked one; V(restart) it, V(fail) the task
+        naming the differences, or V(ignore) them (with a warning).
+    type: str
+    choices: [restart, fail, ignore]
+    default: restart
+  stop_timeout:
+    description: Seconds to wait for the guest to shut down after C(SendCtrlAltDel) before C(SIGTERM).
+    type: int
+    default: 30
+  archive_logs_to:
+    description: With O(state=absent), a directory where the console log, VMM log and config are archived first.
+    type: path
+notes:
+  - The jailer is not driven by this module yet; run the VMM unjailed or wrap it in your own launcher.
+seealso:
+  - module: microvm.firecracker.tap_vnet_hdr
+  - module: microvm.firecracker.rootfs_inject
+"""
+
+EXAMPLES = r"""
+- name: A VM whose injected service answers on port 8080
+  microvm.firecracker.fc_vm:
+    name: web1
+    kernel: /var/lib/microvm/images/vmlinux-6.1.0-28-cloud-amd64
+    initrd: /var/lib/microvm/images/initrd.img-6.1.0-28-cloud-amd64
+    vcpu_count: 2
+    mem_size_mib: 1024
+    drives:
+      - drive_id: rootfs
+        path: /var/lib/firecracker/vms/web1.ext4
+        root: true
+    network_interfaces:
+      - iface_id: eth0
+        tap: fc-web1
+        guest_mac: "06:00:c0:a8:64:0a"
+    wait_for:
+      host: 192.168.100.10
+      port: 8080
+      http_path: /health
+      timeout: 90
+
+- name: Hibernate it (memory and state snapshot, VMM stopped)
+  microvm.firecracker.fc_vm:
+    name: web1
+    state: hibernated
+    kernel: /var/lib/microvm/images/vmlinux-6.1.0-28-cloud-amd64
+    drives: [{drive_id: rootfs, path: /var/lib/firecracker/vms/web1.ext4, root: true}]
+
+- name: Remove it, keeping its logs
+  microvm.firecracker.fc_vm:
+    name: web1
+    state: absent
+    archive_logs_to: /var/log/microvm-archive
+"""
+
+RETURN = r"""
+state:
+  description: The VM's state after the call (predicted in check mode).
+  returned: always
+  type: str
+  sample: running
+pid:
+  description: The VMM's process id (null when not running).
+  returned: always
+  type: int
+api_socket:
+  description: Path of the VMM's API socket.
+  returned: always
+  type: str
+firecracker_version:
+  description: What the VMM reports from C(GET /version) (null when not running).
+  returned: always
+  type: str
+config:
+  description: The rendered Firecracker configuration (config-file format).
+  returned: unless state is absent
+  type: dict
+console_log:
+  description: Path of the serial console log.
+  returned: always
+  type: str
+state_dir:
+  description: The VM's directory.
+  returned: always
+  type: str
+supervisor:
+  description: The supervisor used, V(systemd) or V(process).
+  returned: always
+  type: str
+actions:
+  description: What was done, in order.
+  returned: always
+  type: list
+  elements: str
+  sample: ["started"]
+differences:
+  description: How the running (or stored) configuration differed from the asked one.
+  returned: always
+  type: list
+  elements: str
+api_seconds:
+  description: Seconds from starting the VMM to its API answering (null when it was not started).
+  returned: always
+  type: float
+ready_seconds:
+  description: Seconds from starting the VMM (or from this check, for a VM already running) to O(wait_for) answering.
+  returned: always
+  type: float
+"""
+
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.microvm.firecracker.plugins.module_utils import _fc_vm
+from ansible_collections.microvm.firecracker.plugins.module_utils._fc_api import FirecrackerAPIError
+from ansible_collections.microvm.firecracker.plugins.module_utils._fc_config import SpecError, build_spec, removal_spec
+from ansible_collections.microvm.firecracker.plugins.module_utils._netlink import Netlink, NetlinkOperationError
+from ansible_collections.microvm.firecracker.plugins.module_utils._netns import NetnsError, enter_netns, netns_path
+
+_LIMITER = dict(type="dict")
+
+
+def _tap_checker() -> object:
+    try:
+        with Netlink() as netlink:
+            links = netlink.links()
+    except (OSError, NetlinkOperationError) as exc:
+        links = {}
+        error = str(exc)
+    else:
+        error = None
+
+    def problem(name: object) -> object:
+        if error:
+            return f"cannot list network links: {error}"
+        link = links.get(name) if isinstance(name, str) else None
+        if link is None:
+            return f"TAP {name} does not exist (create it with microvm.firecracker.tap_vnet_hdr)"
+        if link.tun is None or link.tun.mode != "tap":
+            return f"{name} is a {link.kind or 'plain'} link, not a TAP"
+        return None
+
+    return problem
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            name=dict(type="str", required=True),
+            state=dict(type="str", default="running", choices=["running", "paused", "stopped", "hibernated", "absent"]),
+            kernel=dict(type="path"),
+            initrd=dict(type="path"),
+            boot_args=dict(type="str", default="console=ttyS0 reboot=k panic=1"),
+            vcpu_count=dict(type="raw", default=1),
+            mem_size_mib=dict(type="raw", default=1024),
+            smt=dict(type="bool", default=False),
+            cpu_template=dict(type="str", choices=["None", "C3", "T2", "T2S", "T2CL", "T2A", "V1N1"]),
+            drives=dict(type="list", elements="dict", default=[], options=dict(
+                drive_id=dict(type="str", required=True),
+                path=dict(type="path", required=True),
+                root=dict(type="bool", default=False),
+                read_only=dict(type="bool", default=False),
+                cache_type=dict(type="str", choices=["Unsafe", "Writeback"], default="Unsafe"),
+                io_engine=dict(type="str", choices=["Sync", "Async"], default="Sync"),
+                rate_limiter=_LIMITER,
+            )),
+            network_interfaces=dict(type="list", elements="dict", default=[], options=dict(
+                iface_id=dict(type="str", required=True),
+                tap=dict(type="str", required=True),
+                guest_mac=dict(type="str"),
+                rx_rate_limiter=_LIMITER,
+                tx_rate_limiter=_LIMITER,
+            )),
+            mmds=dict(type="dict"),
+            mmds_metadata=dict(type="raw", no_log=True),
+            vsock=dict(type="dict"),
+            balloon=dict(type="dict"),
+            log_level=dict(type="str", default="Warning", choices=["Error", "Warning", "Info", "Debug", "Trace", "Off"]),
+            log_path=dict(type="path"),
+            metrics_path=dict(type="path"),
+            console_log=dict(type="path"),
+            firecracker_bin=dict(type="path", default="/usr/local/bin/firecracker"),
+            supervisor=dict(type="str", default="auto", choices=["auto", "systemd", "process"]),
+            autostart=dict(type="bool", default=False),
+            state_dir=dict(type="path"),
+            netns=dict(type="str"),
+            wait_for=dict(type="dict"),
+            on_change=dict(type="str", default="restart", choices=["restart", "fail", "ignore"]),
+            stop_timeout=dict(type="int", default=30),
+            archive_logs_to=dict(type="path"),
+        ),
+        required_if=[("state", "running", ("kernel",)), ("state", "paused", ("kernel",)),
+                     ("state", "hibernated", ("kernel",)), ("state", "stopped", ("kernel",))],
+        supports_check_mode=True,
+    )
+    params = module.params
+    target = params["state"]
+    try:
+        if params["netns"]:
+            enter_netns(params["netns"])
+        if target == "absent":
+            spec = removal_spec(params)
+        else:
+            spec = build_spec(params, _tap_checker())
+            if target in ("running", "paused", "hibernated") and not module.check_mode:
+                binary = params["firecracker_bin"]
+                if not os.path.isfile(binary) or not os.access(binary, os.X_OK):
+                    raise SpecError(f"VM {spec.name}: firecracker_bin: {binary} is not an executable file")
+        vm = _fc_vm.MicroVM(spec, params["supervisor"], params["firecracker_bin"], module.warn,
+                            netns_path(params["netns"]) if params["netns"] else None)
+        observed = vm.observe()
+        drift = vm.drift(observed, target) if target != "absent" else []
+        if drift and observed.state in ("running", "paused") and target != "stopped":
+            if params["on_change"] == "fail":
+                raise _fc_vm.VMError(f"VM {spec.name}: the running VM's configuration differs from the asked one "
+                                     f"(on_change=fail): " + "; ".join(drift))
+            if params["on_change"] == "ignore":
+                module.warn(f"VM {spec.name}: configuration differs but on_change=ignore: " + "; ".join(drift))
+        metadata_differs = False
+        if observed.state in ("running", "paused") and spec.mmds_metadata is not None:
+            metadata_differs = vm.api.get("/mmds") != spec.mmds_metadata
+        steps = _fc_vm.plan_steps(observed, target, drift, params["on_change"], metadata_differs)
+        autostart_changed = False
+        if module.check_mode:
+            outcome = _fc_vm.Outcome(changed=bool(steps), actions=[f"would {step}" for step in steps])
+        else:
+            outcome = _fc_vm.converge(vm, target, steps, params["wait_for"], params["stop_timeout"],
+                                      params["archive_logs_to"])
+            if target != "absent" and isinstance(vm.supervisor, _fc_vm.SystemdSupervisor):
+                autostart_changed = vm.supervisor.set_autostart(params["autostart"])
+        outcome.differences = drift
+        after = observed if module.check_mode else vm.observe()
+    except (SpecError, _fc_vm.VMError, FirecrackerAPIError, NetnsError) as exc:
+        module.fail_json(msg=str(exc))
+    except OSError as exc:
+        module.fail_json(msg=f"VM {params['name']}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
+
+    final_state = after.state if not module.check_mode else (target if steps else observed.state)
+    result = dict(
+        changed=outcome.changed or autostart_changed,
+        state=final_state,
+        pid=after.pid if final_state in ("running", "paused") else None,
+        api_socket=vm.paths.socket,
+        firecracker_version=after.version,
+        console_log=spec.console_log,
+        state_dir=spec.state_dir,
+        supervisor=vm.supervisor.kind,
+        actions=outcome.actions,
+        differences=outcome.differences,
+        api_seconds=outcome.api_seconds,
+        ready_seconds=outcome.ready_seconds,
+    )
+    if target != "absent":
+        result["config"] = spec.config
+    if module._diff:
+        result["diff"] = dict(
+            before={"state": observed.state, "config": observed.config},
+            after={"state": final_state, "config": spec.config if target != "absent" else None},
+        )
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""fc_vm with the Firecracker API stand-in booting the golden image under QEMU TCG.
+
+The lab: a network namespace with a bridge and a TAP made by the networking modules; the VM's
+disk is a sparse clone of the session's golden image with a service injected by rootfs_inject
+(static address, busybox httpd on 8080 serving the guest's boot id). Every VMM a test starts is
+stopped by its PID in teardown, and the namespace is removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import delete_netns, in_netns, new_netns
+
+REPO = Path(__file__).resolve().parents[2]
+STANDIN = str(REPO / "standin" / "fc-standin")
+BRIDGE_IP, GUEST_IP, PREFIX = "198.18.70.1", "198.18.70.2", 24
+TAP = "fc-vmt0"
+MAC = "06:00:c6:12:46:02"
+SERVICE = """[Unit]
+Description=fc_vm test service
+After=network.target
+
+[Service]
+ExecStartPre=/bin/sh -c 'mkdir -p /run/www && cat /proc/sys/kernel/random/boot_id > /run/www/boot_id && echo fc-vm-test > /run/www/index.html'
+ExecStart=/bin/busybox httpd -f -p 8080 -h /run/www
+
+[Install]
+WantedBy=multi-user.target
+"""
+FAILING = """[Unit]
+Description=fc_vm test unit that fails
+
+[Service]
+Type=oneshot
+ExecStart=/bin/false
+
+[Install]
+WantedBy=multi-user.target
+"""
+NETWORK = f"""[Match]
+Name=eth0
+
+[Network]
+Address={GUEST_IP}/{PREFIX}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, golden):
+    """Namespace + bridge + TAP (via the modules), kernel/initrd/image from the golden build."""
+    from conftest import AnsibleRunner  # pylint: disable=import-outside-toplevel
+    workdir = tmp_path_factory.mktemp("fcvm")
+    netns = new_netns()
+    runner = AnsibleRunner(workdir)
+    try:
+        result = runner.run([
+            {"name": "bridge", "microvm.firecracker.fc_bridge": {
+                "netns": netns, "name": "fcbr-vm", "addresses": [f"{BRIDGE_IP}/{PREFIX}"]}},
+            {"name": "tap", "microvm.firecracker.tap_vnet_hdr": {"netns": netns, "name": TAP, "bridge": "fcbr-vm"}},
+        ])
+        assert result.rc == 0, result.output
+        # The versioned files, not the symlinks: other tests may move the symlinks later.
+        yield {"netns": netns, "dir": workdir, "kernel": str(golden.link("vmlinux").resolve()),
+               "initrd": str(golden.link("initrd").resolve()), "image": golden.link("ext4").resolve()}
+    finally:
+        for pidfile in workdir.rglob("firecracker.pid"):
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except (ValueError, ProcessLookupError):
+                pass
+        delete_netns(netns)
+
+
+def make_disk(lab, ansible, name: str, units: dict[str, str]) -> str:
+    disk = lab["dir"] / f"{name}.ext4"
+    subprocess.run(["cp", "--sparse=always", str(lab["image"]), str(disk)], check=True)
+    result = ansible.run([{"name": "inject", "microvm.firecracker.rootfs_inject": {
+        "image": str(disk), "hostname": name,
+        "files": [{"path": "/etc/systemd/network/10-eth0.network", "content": NETWORK}],
+        "systemd_units": [{"name": unit, "content": content, "enabled": True} for unit, content in units.items()],
+    }}])
+    assert result.rc == 0, result.output
+    return str(disk)
+
+
+def vm_args(lab, name: str, disk: str, **overrides) -> dict:
+    args = {
+        "name": name, "netns": lab["netns"], "state_dir": str(lab["dir"] / name), "supervisor": "process",
+        "firecracker_bin": STANDIN, "kernel": lab["kernel"], "initrd": lab["initrd"],
+        "vcpu_count": 1, "mem_size_mib": 512, "stop_timeout": 20,
+        "drives": [{"drive_id": "rootfs", "path": disk, "root": True}],
+        "network_interfaces": [{"iface_id": "eth0", "tap": TAP, "guest_mac": MAC}],
+        "wait_for": {"host": GUEST_IP, "port": 8080, "http_path": "/index.html", "contains": "fc-vm-test",
+                     "timeout": 120},
+    }
+    args.update(overrides)
+    return args
+
+
+def vm(args: dict, **overrides) -> dict:
+    return {"name": "vm", "microvm.firecracker.fc_vm": {**args, **overrides}}
+
+
+def http(lab, path: str, timeout: float = 3) -> str | None:
+    """GET from inside the namespace; None when the guest does not answer."""
+    code = ("import sys, urllib.request\n"
+            f"print(urllib.request.urlopen('http://{GUEST_IP}:8080{path}', timeout={timeout}).read().decode())")
+    proc = in_netns(lab["netns"], "python3", "-c", code, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def pid_running(pid) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_lifecycle(lab, ansible):
+    disk = make_disk(lab, ansible, "vm-life", {"fc-http.service": SERVICE})
+    args = vm_args(lab, "vm-life", disk)
+    state_dir = Path(args["state_dir"])
+
+    check = ansible.run([vm(args)], check=True)
+    assert check.rc == 0 and check.task("vm")["changed"] is True, check.output
+    assert not state_dir.exists(), "check mode must not create the VM"
+
+    first = ansible.run([vm(args)])
+    assert first.rc == 0, first.output
+    started = first.task("vm")
+    assert started["changed"] and started["state"] == "running" and started["actions"] == ["started"]
+    assert started["ready_seconds"] is not None and started["firecracker_version"] == "1.10.1"
+    assert http(lab, "/index.html") == "fc-vm-test"
+    boot_id = http(lab, "/boot_id")
+    pid = started["pid"]
+    assert pid_running(pid)
+    assert oct(state_dir.stat().st_mode & 0o777) == "0o700"
+    assert json.loads((state_dir / "config.json").read_text()) == started["config"]
+
+    for check_mode in (False, True):
+        again = ansible.run([vm(args)], check=check_mode)
+        assert again.rc == 0 and again.task("vm")["changed"] is False, again.output
+    assert again.task("vm")["pid"] == pid
+
+    refused = ansible.run([vm(args, vcpu_count=2, on_change="fail")])
+    assert refused.rc != 0
+    assert "machine-config.vcpu_count: 1 -> 2" in refused.task("vm")["msg"]
+    assert pid_running(pid), "on_change=fail must leave the VM running"
+
+    restarted = ansible.run([vm(args, vcpu_count=2)], diff=True)
+    assert restarted.rc == 0, restarted.output
+    result = restarted.task("vm")
+    assert result["changed"] and result["actions"][-1] == "started" and result["pid"] != pid
+    assert result["diff"]["before"]["config"]["machine-config"]["vcpu_count"] == 1
+    assert result["diff"]["after"]["config"]["machine-config"]["vcpu_count"] == 2
+    assert not pid_running(pid)
+    args["vcpu_count"] = 2
+    boot_id = http(lab, "/boot_id")
+    assert boot_id, "the service answers after the restart"
+
+    paused = ansible.run([vm(args, state="paused")])
+    assert paused.rc == 0 and paused.task("vm")["state"] == "paused", paused.output
+    assert http(lab, "/index.html", timeout=2) is None, "a paused guest does not answer"
+    resumed = ansible.run([vm(args)])
+    assert resumed.rc == 0 and resumed.task("vm")["actions"] == ["resumed"], resumed.output
+    assert http(lab, "/boot_id") == boot_id
+
+    hibernated = ansible.run([vm(args, state="hibernated")])
+    assert hibernated.rc == 0 and hibernated.task("vm")["state"] == "hibernated", hibernated.output
+    assert hibernated.task("vm")["pid"] is None
+    assert (state_dir / "snapshot" / "vm.mem").exists() and (state_dir / "snapshot" / "vm.state").exists()
+    assert http(lab, "/index.html", timeout=2) is None
+    again = ansible.run([vm(args, state="hibernated")])
+    assert again.rc == 0 and again.task("vm")["changed"] is False, again.output
+
+    woken = ansible.run([vm(args)])
+    assert woken.rc == 0, woken.output
+    assert woken.task("vm")["actions"] == ["restored from snapshot"]
+    assert http(lab, "/boot_id") == boot_id, "the same guest (same boot id) continues after the restore"
+    assert not (state_dir / "snapshot").exists(), "snapshot files are removed once restored"
+    steady = ansible.run([vm(args)])
+    assert steady.rc == 0 and steady.task("vm")["changed"] is False, steady.output
+
+    stopped = ansible.run([vm(args, state="stopped")])
+    assert stopped.rc == 0 and stopped.task("vm")["state"] == "stopped", stopped.output
+    stop_pid = woken.task("vm")["pid"]
+    assert not pid_running(stop_pid)
+    assert not (state_dir / "api.sock").exists() and (state_dir / "config.json").exists()
+
+    removed = ansible.run([vm(args, state="absent")])
+    assert removed.rc == 0 and removed.task("vm")["changed"] is True, removed.output
+    assert not state_dir.exists()
+    again = ansible.run([vm(args, state="absent")])
+    assert again.rc == 0 and again.task("vm")["changed"] is False
+
+
+def test_kernel_panic_fails_fast_with_console_lines(lab, ansible):
+    disk = make_disk(lab, ansible, "vm-panic", {"fc-http.service": SERVICE})
+    # Without the initrd the Debian kernel has no virtio_blk driver: it cannot mount root and panics.
+    args = vm_args(lab, "vm-panic", disk, initrd=None)
+    started = time.monotonic()
+    result = ansible.run([vm(args)])
+    elapsed = time.monotonic() - started
+    try:
+        assert result.rc != 0
+        message = result.task("vm")["msg"]
+        assert "Kernel panic" in message or "Unable to mount root fs" in message, message
+        assert elapsed < args["wait_for"]["timeout"] / 2, f"failed after {elapsed:.0f}s: not fast"
+    finally:
+        ansible.run([vm(args, state="absent")])
+
+
+def test_failed_unit_fails_fast_with_console_lines(lab, ansible):
+    disk = make_disk(lab, ansible, "vm-unit", {"fc-fail.service": FAILING})
+    args = vm_args(lab, "vm-unit", disk)
+    started = time.monotonic()
+    result = ansible.run([vm(args)])
+    elapsed = time.monotonic() - started
+    try:
+        assert result.rc != 0
+        message = result.task("vm")["msg"]
+        assert "Failed to start fc-fail.service" in message or "[FAILED]" in message, message
+        assert elapsed < args["wait_for"]["timeout"] / 2, f"failed after {elapsed:.0f}s: not fast"
+    finally:
+        ansible.run([vm(args, state="absent")])
+
+
+def test_bad_input_fails_before_anything_starts(lab, ansible):
+    disk = str(lab["image"])
+    base = vm_args(lab, "vm-bad", disk, wait_for=None)
+    root = {"drive_id": "rootfs", "path": disk, "root": True}
+    cases = [
+        ("fractional vcpu", {"vcpu_count": 1.5}, "vcpu_count: 1.5 is not a whole number"),
+        ("too many vcpus", {"vcpu_count": 64}, "vcpu_count: 64 is out of range (1..32)"),
+        ("memory floor", {"mem_size_mib": 256}, "mem_size_mib: 256 is out of range (at least 512)"),
+        ("missing kernel", {"kernel": "/nonexistent/vmlinux"}, "kernel: /nonexistent/vmlinux does not exist"),
+        ("missing initrd", {"initrd": "/nonexistent/initrd"}, "initrd: /nonexistent/initrd does not exist"),
+        ("missing drive", {"drives": [{"drive_id": "rootfs", "path": "/nonexistent.ext4", "root": True}]},
+         "drives[rootfs].path: /nonexistent.ext4 does not exist"),
+        ("two root drives", {"drives": [root, {**root, "drive_id": "data"}]}, "more than one root drive (rootfs, data)"),
+        ("duplicate drive ids", {"drives": [root, {"drive_id": "rootfs", "path": disk}]}, "drive_id rootfs is used twice"),
+        ("missing TAP", {"network_interfaces": [{"iface_id": "eth0", "tap": "fc-nosuch"}]},
+         "TAP fc-nosuch does not exist"),
+        ("invalid MAC", {"network_interfaces": [{"iface_id": "eth0", "tap": TAP, "guest_mac": "06:00:zz:00:00:01"}]},
+         "guest_mac: '06:00:zz:00:00:01' is not a MAC address"),
+        ("malformed name", {"name": "vm bad!"}, "name: 'vm bad!' is not a valid VM id"),
+        ("credential in boot_args", {"boot_args": "console=ttyS0 http_proxy=http://u:pw@proxy:3128"},
+         "boot_args: contains what looks like a credential"),
+    ]
+    tasks = [{"name": label, "ignore_errors": True, "microvm.firecracker.fc_vm": {**base, **args}}
+             for label, args, _message in cases]
+    result = ansible.run(tasks)
+    for label, _args, message in cases:
+        assert result.status(label) == "failed", f"{label}: {result.task(label)}"
+        assert message in result.task(label)["msg"], f"{label}: {result.task(label)['msg']}"
+    assert "u:pw" not in result.output
+    assert not Path(base["state_dir"]).exists(), "nothing may be created for invalid input"
