@@ -130,7 +130,7 @@ compat: venv
 		$(NEWEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade \
 			'ansible-core>=2.20' 'pytest>=8,<10' pyyaml && touch $(NEWEST_VENV)/.stamp; \
 	fi; \
-	$(NEWEST_VENV)/bin/ansible --version | head -1; \
+	$(NEWEST_VENV)/bin/ansible --version | sed -n 1p; \
 	$(NEWEST_VENV)/bin/python --version; \
 	$(NEWEST_VENV)/bin/pytest -q $(COMPAT_TESTS)
 
