@@ -118,7 +118,8 @@ standin: venv
 # again; the slow image/VM tests stay in `make integration`.
 NEWEST_VENV ?= .venv-newest
 COMPAT_TESTS := tests/unit tests/integration/test_tap_vnet_hdr.py tests/integration/test_fc_bridge.py \
-	tests/integration/test_rootfs_inject.py tests/integration/test_quickstart.py
+	tests/integration/test_rootfs_inject.py tests/integration/test_quickstart.py \
+	tests/integration/test_fc_allocation.py
 compat: venv
 	@py=$$(hack/newest-python.sh); \
 	if [[ -z $$py ]]; then \
