@@ -87,6 +87,23 @@ def _rate_limiter(field: str, value: Optional[dict[str, Any]]) -> Optional[dict[
     return result or None
 
 
+def _unique_ids(section: str, key: str, entries: Optional[list[dict[str, Any]]],
+                problems: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(id, entry) for the entries whose id is valid and not a repeat; the others become problems."""
+    result = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries or []):
+        item_id = entry.get(key)
+        if not isinstance(item_id, str) or not _DEVICE_ID.match(item_id):
+            problems.append(f"{section}[{index}].{key}: {item_id!r} is not a valid id (letters, digits, '_')")
+        elif item_id in seen:
+            problems.append(f"{section}[{item_id}]: {key} {item_id} is used twice")
+        else:
+            seen.add(item_id)
+            result.append((item_id, entry))
+    return result
+
+
 def credential_in_boot_args(boot_args: str) -> Optional[str]:
     for pattern, what in _CREDENTIAL_PATTERNS:
         if pattern.search(boot_args):
@@ -159,19 +176,9 @@ def build_spec(params: dict[str, Any], tap_problem: Any) -> VMSpec:
         problems.append(f"cpu_template: {template!r} is not one of {', '.join(CPU_TEMPLATES)}")
 
     drives = []
-    seen_drives: set[str] = set()
     roots = []
-    for index, drive in enumerate(params.get("drives") or []):
-        field = f"drives[{index}]"
-        drive_id = drive.get("drive_id")
-        if not isinstance(drive_id, str) or not _DEVICE_ID.match(drive_id):
-            problems.append(f"{field}.drive_id: {drive_id!r} is not a valid id (letters, digits, '_')")
-            continue
+    for drive_id, drive in _unique_ids("drives", "drive_id", params.get("drives"), problems):
         field = f"drives[{drive_id}]"
-        if drive_id in seen_drives:
-            problems.append(f"{field}: drive_id {drive_id} is used twice")
-            continue
-        seen_drives.add(drive_id)
         path = check(_readable_file, f"{field}.path", drive.get("path"))
         if drive.get("root"):
             roots.append(drive_id)
@@ -193,18 +200,9 @@ def build_spec(params: dict[str, Any], tap_problem: Any) -> VMSpec:
         problems.append("drives: no root drive; mark one drive root=true")
 
     interfaces = []
-    seen_ifaces: set[str] = set()
     seen_taps: set[str] = set()
-    for index, iface in enumerate(params.get("network_interfaces") or []):
-        iface_id = iface.get("iface_id")
-        if not isinstance(iface_id, str) or not _DEVICE_ID.match(iface_id):
-            problems.append(f"network_interfaces[{index}].iface_id: {iface_id!r} is not a valid id")
-            continue
+    for iface_id, iface in _unique_ids("network_interfaces", "iface_id", params.get("network_interfaces"), problems):
         field = f"network_interfaces[{iface_id}]"
-        if iface_id in seen_ifaces:
-            problems.append(f"{field}: iface_id {iface_id} is used twice")
-            continue
-        seen_ifaces.add(iface_id)
         tap = iface.get("tap")
         if tap in seen_taps:
             problems.append(f"{field}.tap: TAP {tap} is used by two interfaces")
@@ -249,7 +247,8 @@ def build_spec(params: dict[str, Any], tap_problem: Any) -> VMSpec:
     mmds = params.get("mmds")
     if mmds:
         mmds_ifaces = mmds.get("network_interfaces") or [i["iface_id"] for i in interfaces[:1]]
-        unknown = [i for i in mmds_ifaces if i not in seen_ifaces]
+        known = {i["iface_id"] for i in interfaces}
+        unknown = [i for i in mmds_ifaces if i not in known]
         if unknown:
             problems.append(f"mmds.network_interfaces: {', '.join(unknown)} not among network_interfaces")
         rendered_mmds: dict[str, Any] = {"version": mmds.get("version") or "V2", "network_interfaces": mmds_ifaces}

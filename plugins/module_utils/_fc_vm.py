@@ -15,7 +15,7 @@ import subprocess
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from ansible_collections.microvm.firecracker.plugins.module_utils._fc_api import (
     FirecrackerAPI,
@@ -290,14 +290,13 @@ class MicroVM:
     """Operations on one VM; every public step is safe to repeat."""
 
     def __init__(self, spec: VMSpec, supervisor_kind: str, firecracker_bin: str,
-                 warn: Callable[[str], None], netns_file: Optional[str] = None) -> None:
+                 netns_file: Optional[str] = None) -> None:
         self.spec = spec
         self.netns_file = netns_file
         self.paths = Paths(spec.state_dir)
         self.supervisor = choose_supervisor(supervisor_kind, spec.name, self.paths)
         self.firecracker_bin = firecracker_bin
         self.api = FirecrackerAPI(self.paths.socket)
-        self.warn = warn
         self.label = f"VM {spec.name}"
 
     # --- observation -------------------------------------------------------

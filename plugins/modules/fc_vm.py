@@ -410,8 +410,11 @@ def main() -> None:
                 binary = params["firecracker_bin"]
                 if not os.path.isfile(binary) or not os.access(binary, os.X_OK):
                     raise SpecError(f"VM {spec.name}: firecracker_bin: {binary} is not an executable file")
-        vm = _fc_vm.MicroVM(spec, params["supervisor"], params["firecracker_bin"], module.warn,
+        vm = _fc_vm.MicroVM(spec, params["supervisor"], params["firecracker_bin"],
                             netns_path(params["netns"]) if params["netns"] else None)
+        if params["autostart"] and vm.supervisor.kind != "systemd":
+            module.warn(f"VM {spec.name}: autostart needs the systemd supervisor; the process supervisor "
+                        "cannot start VMs at boot")
         observed = vm.observe()
         drift = vm.drift(observed, target) if target != "absent" else []
         if drift and observed.state in ("running", "paused") and target != "stopped":
