@@ -514,6 +514,9 @@ class MicroVM:
         except FirecrackerAPIError as exc:
             self.stop(Outcome(), 0, graceful=False)
             raise VMError(f"{self.label}: snapshot/load failed: {exc}; console:\n{self.console_tail(offset)}") from None
+        if self.spec.mmds_metadata is not None:
+            # The metadata store is not part of the snapshot contract: give it back explicitly.
+            self.api.put("/mmds", self.spec.mmds_metadata)
         shutil.rmtree(self.paths.snapshot_dir, ignore_errors=True)
         _write(self.paths.restored, "")
         # A later restart by the supervisor boots from the config again.

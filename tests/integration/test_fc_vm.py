@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -123,9 +124,25 @@ def pid_running(pid) -> bool:
     return state != "Z"
 
 
+def mmds(state_dir: Path) -> object:
+    """GET /mmds straight from the VMM's API socket."""
+    code = ("import http.client, json, socket, sys\n"
+            "class C(http.client.HTTPConnection):\n"
+            "    def connect(self):\n"
+            "        self.sock = socket.socket(socket.AF_UNIX); self.sock.connect(sys.argv[1])\n"
+            "c = C('localhost'); c.request('GET', '/mmds', headers={'Accept': 'application/json'})\n"
+            "print(c.getresponse().read().decode())")
+    out = subprocess.run(["python3", "-c", code, str(state_dir / "api.sock")], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out)
+
+
+SECRET = "tok-4f1b9c0e-not-for-logs"
+
+
 def test_lifecycle(lab, ansible):
     disk = make_disk(lab, ansible, "vm-life", {"fc-http.service": SERVICE})
-    args = vm_args(lab, "vm-life", disk)
+    args = vm_args(lab, "vm-life", disk, mmds={"version": "V2"}, mmds_metadata={"agent": {"token": SECRET}})
     state_dir = Path(args["state_dir"])
 
     check = ansible.run([vm(args)], check=True)
@@ -143,11 +160,21 @@ def test_lifecycle(lab, ansible):
     assert pid_running(pid)
     assert oct(state_dir.stat().st_mode & 0o777) == "0o700"
     assert json.loads((state_dir / "config.json").read_text()) == started["config"]
+    assert mmds(state_dir) == {"agent": {"token": SECRET}}
+    assert SECRET not in first.output and SECRET not in json.dumps(first.records)
+    assert oct((state_dir / "mmds.json").stat().st_mode & 0o777) == "0o600"
 
     for check_mode in (False, True):
         again = ansible.run([vm(args)], check=check_mode)
         assert again.rc == 0 and again.task("vm")["changed"] is False, again.output
     assert again.task("vm")["pid"] == pid
+
+    rotated = ansible.run([vm(args, mmds_metadata={"agent": {"token": SECRET + "-2"}})])
+    assert rotated.rc == 0 and rotated.task("vm")["actions"] == ["MMDS metadata updated"], rotated.output
+    assert rotated.task("vm")["pid"] == pid, "metadata is updated live, without a restart"
+    assert mmds(state_dir) == {"agent": {"token": SECRET + "-2"}}
+    assert SECRET not in rotated.output
+    args["mmds_metadata"] = {"agent": {"token": SECRET + "-2"}}
 
     refused = ansible.run([vm(args, vcpu_count=2, on_change="fail")])
     assert refused.rc != 0
@@ -185,6 +212,7 @@ def test_lifecycle(lab, ansible):
     assert woken.task("vm")["actions"] == ["restored from snapshot"]
     assert http(lab, "/boot_id") == boot_id, "the same guest (same boot id) continues after the restore"
     assert not (state_dir / "snapshot").exists(), "snapshot files are removed once restored"
+    assert mmds(state_dir) == args["mmds_metadata"], "the metadata is given back after a restore"
     steady = ansible.run([vm(args)])
     assert steady.rc == 0 and steady.task("vm")["changed"] is False, steady.output
 
@@ -194,9 +222,13 @@ def test_lifecycle(lab, ansible):
     assert not pid_running(stop_pid)
     assert not (state_dir / "api.sock").exists() and (state_dir / "config.json").exists()
 
-    removed = ansible.run([vm(args, state="absent")])
+    archive = lab["dir"] / "archive"
+    removed = ansible.run([vm(args, state="absent", archive_logs_to=str(archive))])
     assert removed.rc == 0 and removed.task("vm")["changed"] is True, removed.output
     assert not state_dir.exists()
+    [tarball] = archive.glob("vm-life-*.tar.gz")
+    with tarfile.open(tarball) as saved:
+        assert {"console.log", "vmm.log", "config.json"} <= set(saved.getnames())
     again = ansible.run([vm(args, state="absent")])
     assert again.rc == 0 and again.task("vm")["changed"] is False
 
