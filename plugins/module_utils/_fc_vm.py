@@ -463,7 +463,7 @@ class MicroVM:
                 self.supervisor.terminate(pid, sig)
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline and pid_alive(pid):
-                time.sleep(0.05)
+                time.sleep(0.005)
             if not pid_alive(pid):
                 outcome.actions.append(f"stopped ({step})")
                 outcome.changed = True
