@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench_common import collection_tree
+
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024 ** 3
 SIZE = 8 * GIB
@@ -204,18 +206,11 @@ def _check_injected(image: Path, files: list[tuple[str, Path]]) -> None:
         raise RuntimeError(f"{image.name}: agent.service was not written")
 
 
-def _collection_tree(tmp: Path) -> Path:
-    tree = tmp / "collections"
-    (tree / "ansible_collections" / "microvm").mkdir(parents=True)
-    (tree / "ansible_collections" / "microvm" / "firecracker").symlink_to(REPO)
-    return tree
-
-
 def run() -> dict:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="fcbench-disk-", dir=os.environ.get("BENCH_DIR")) as tmpdir:
         work = Path(tmpdir)
-        tree = _collection_tree(work)
+        tree = collection_tree(work)
         given = os.environ.get("BENCH_GOLDEN_IMAGE")
         started = time.monotonic()
         golden = Path(given).resolve() if given else _synthetic_golden(work)

@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from _bench_common import collection_tree
+
 REPO = Path(__file__).resolve().parents[1]
 STANDIN = REPO / "standin" / "fc-standin"
 MODULE = REPO / "plugins" / "modules" / "fc_vm.py"
@@ -247,9 +249,7 @@ class _Bench:
         self.kernel = kernel
         self.disks = disks
         self.tracker = tracker
-        self.tree = tmp / "collections"
-        (self.tree / "ansible_collections" / "microvm").mkdir(parents=True)
-        (self.tree / "ansible_collections" / "microvm" / "firecracker").symlink_to(REPO)
+        self.tree = collection_tree(tmp)
         # The stand-in is '#!/usr/bin/env python3': resolve that to this interpreter, not to a version
         # manager's shim (pyenv's costs ~0.1 s per exec here), for the baseline and the module alike.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench_common import collection_tree
+
 REPO = Path(__file__).resolve().parents[1]
 COUNT = int(os.environ.get("BENCH_TAP_COUNT", "200"))
 BRIDGE = "fcbr-bench"
@@ -95,13 +97,6 @@ def _verify(netns: str) -> None:
         raise RuntimeError(f"expected {COUNT} vnet_hdr TAPs up on {BRIDGE}, found {len(ok)}")
 
 
-def _collection_tree(tmp: Path) -> Path:
-    tree = tmp / "collections"
-    (tree / "ansible_collections" / "microvm").mkdir(parents=True)
-    (tree / "ansible_collections" / "microvm" / "firecracker").symlink_to(REPO)
-    return tree
-
-
 def _ansible(tmp: Path, tree: Path, netns: str, tasks: list[dict], tag: str) -> tuple[float, list[dict]]:
     play = [{"hosts": "localhost", "gather_facts": False, "tasks": tasks}]
     path = tmp / f"{tag}.yml"
@@ -122,7 +117,7 @@ def run() -> dict:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="fcbench-") as tmpdir:
         tmp = Path(tmpdir)
-        tree = _collection_tree(tmp)
+        tree = collection_tree(tmp)
 
         netns = _netns()
         try:
