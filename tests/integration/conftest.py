@@ -130,6 +130,19 @@ class AnsibleRunner:
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         return PlaybookResult(proc.returncode, proc.stdout + proc.stderr, records)
 
+    def run_role(self, role: str, report: str | dict[str, str], **kwargs: Any) -> PlaybookResult:
+        """Run ``role`` on localhost, then a task "Report" showing ``report``: one variable's name, or a
+        mapping of labels to templates."""
+        shown = {"var": report} if isinstance(report, str) else {"msg": report}
+        play = [{"name": f"{role} under test", "hosts": "localhost", "gather_facts": False, "tasks": [
+            {"name": "Run the role", "ansible.builtin.import_role": {"name": role}},
+            {"name": "Report", "ansible.builtin.debug": shown},
+        ]}]
+        self.counter += 1
+        path = self.workdir / f"role-{self.counter}.yml"
+        path.write_text(yaml.safe_dump(play, sort_keys=False))
+        return self.run_playbook(path, **kwargs)
+
     def run(self, tasks: list[dict[str, Any]], **kwargs: Any) -> PlaybookResult:
         """Run ``tasks`` as one play on localhost; tasks without a name get ``t<N>``."""
         named = []

@@ -49,19 +49,8 @@ class Golden:
         return json.loads(self.artifact(version, "json").read_text())
 
     def run(self, check: bool = False, **overrides: Any) -> PlaybookResult:
-        play = self.root / "golden-role.yml"
-        if not play.exists():
-            play.write_text(
-                "- name: Golden image role under test\n"
-                "  hosts: localhost\n"
-                "  gather_facts: false\n"
-                "  tasks:\n"
-                "    - name: Run the role\n"
-                f"      ansible.builtin.import_role:\n        name: {ROLE}\n"
-                "    - name: Report\n"
-                "      ansible.builtin.debug:\n"
-                "        var: golden_image_artifacts\n")
-        return self.runner.run_playbook(play, check=check, extra_vars={**self.vars, **overrides})
+        return self.runner.run_role(ROLE, "golden_image_artifacts", check=check,
+                                    extra_vars={**self.vars, **overrides})
 
 
 def mounts_under(path: Path) -> list[str]:

@@ -171,21 +171,8 @@ def lab_host(root: Path, server: ReleaseServer, **overrides: Any) -> Host:
 
 
 def run_role(ansible: AnsibleRunner, host: Host, check: bool = False, **overrides: Any) -> PlaybookResult:
-    play = ansible.workdir / "firecracker-role.yml"
-    if not play.exists():
-        play.write_text(
-            "- name: Firecracker role under test\n"
-            "  hosts: localhost\n"
-            "  gather_facts: false\n"
-            "  tasks:\n"
-            "    - name: Run the role\n"
-            f"      ansible.builtin.import_role:\n        name: {ROLE}\n"
-            "    - name: Report\n"
-            "      ansible.builtin.debug:\n"
-            "        msg:\n"
-            "          installed: '{{ firecracker_installed }}'\n"
-            "          host_settings: '{{ firecracker_host_settings }}'\n")
-    return ansible.run_playbook(play, check=check, extra_vars={**host.vars, **overrides})
+    report = {"installed": "{{ firecracker_installed }}", "host_settings": "{{ firecracker_host_settings }}"}
+    return ansible.run_role(ROLE, report, check=check, extra_vars={**host.vars, **overrides})
 
 
 def changed_tasks(result: PlaybookResult) -> list[str]:
