@@ -143,9 +143,8 @@ class ProcessSupervisor:
             pass
 
     def cleanup(self) -> None:
-        for path in (self.paths.pidfile,):
-            if os.path.exists(path):
-                os.unlink(path)
+        if os.path.exists(self.paths.pidfile):
+            os.unlink(self.paths.pidfile)
 
     def set_autostart(self, enabled: bool) -> bool:
         return False
