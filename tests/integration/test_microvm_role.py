@@ -1,0 +1,104 @@
+"""The microvm role's refusals: each bad VM list fails naming the problem, before anything is created.
+
+A lab namespace gets the host network (bridge, firewall, DHCP) from the host_network role; then each
+bad input runs the launch playbook, and the lab must be exactly as before: no allocation, no TAP, no
+VM directory, no reservation.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import netcheck
+from conftest import AnsibleRunner, delete_netns, in_netns, new_netns
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH = REPO / "playbooks" / "launch.yml"
+CIDR = "198.18.84.0/24"
+
+
+@pytest.fixture
+def lab(tmp_path, golden):
+    netns = new_netns()
+    net_dir = Path(tempfile.mkdtemp(prefix="microvm-role-", dir="/tmp"))
+    net_dir.chmod(0o755)  # dnsmasq re-reads its reservations as nobody
+    variables = {
+        "microvm_target": "localhost", "host_network_netns": netns, "host_network_cidr": CIDR,
+        "host_network_bridge": "fcbr-bad", "host_network_nat": False, "host_network_install_packages": False,
+        "host_network_config_dir": str(net_dir / "etc"), "host_network_state_dir": str(net_dir / "state"),
+        "host_network_sysctl_dir": str(net_dir / "sysctl.d"),
+        "microvm_state_dir": str(tmp_path / "state"), "microvm_supervisor": "process",
+        "microvm_golden_dir": golden.vars["golden_image_output_dir"], "microvm_golden_image": "ci",
+        "microvm_firecracker_bin": str(REPO / "standin" / "fc-standin"),
+    }
+    runner = AnsibleRunner(tmp_path)
+    try:
+        result = runner.run_role("microvm.firecracker.host_network", "host_network", extra_vars=variables)
+        assert result.rc == 0, result.output
+        yield {"netns": netns, "runner": runner, "vars": variables, "net_dir": net_dir, "state": tmp_path / "state"}
+    finally:
+        for pidfile in net_dir.rglob("*.pid"):
+            in_netns(netns, "kill", pidfile.read_text().strip(), check=False)
+        delete_netns(netns)
+        shutil.rmtree(net_dir, ignore_errors=True)
+
+
+def failure(result) -> str:
+    failed = [r for r in result.records if r["status"] == "failed"]
+    assert result.rc != 0 and failed, result.output
+    return str(failed[-1]["result"].get("msg"))
+
+
+def reservations(net_dir: Path) -> list[str]:
+    return [line for path in net_dir.rglob("dhcp-hosts") for line in path.read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def test_bad_vm_lists_fail_before_anything_is_created(lab):
+    in_netns(lab["netns"], "ip", "link", "add", "fc-c6125402", "type", "veth", "peer", "name", "squatter")
+    before = netcheck.snapshot(lab["netns"])
+    unit = {"name": "x.service", "content": "[Service]\nExecStart=/bin/true\n"}
+    cases = [
+        ("duplicate names", {"microvm_vms": [{"name": "a1"}, {"name": "a1"}]}, "VM a1: the name is used twice"),
+        ("invalid environment key", {"microvm_vms": [{"name": "a1", "environment": {"BAD-KEY": "x"}}]},
+         "environment key 'BAD-KEY' is not a valid name"),
+        ("credential in boot_args", {"microvm_vms": [{"name": "a1", "boot_args": "console=ttyS0 https_proxy=http://u:p4ss@px:3128"}]},
+         "boot_args contains what looks like a credential (user:password@)"),
+        ("fractional vCPUs and too little memory", {"microvm_vms": [{"name": "a1", "vcpu_count": 1.5, "mem_size_mib": 256}]},
+         "vcpu_count: 1.5 is not a whole number"),
+        ("unit without content", {"microvm_vms": [{"name": "a1", "systemd_units": [{"name": "x.service"}]}]},
+         "give exactly one of content"),
+        ("missing golden image", {"microvm_vms": [{"name": "a1", "image": "nope", "systemd_units": [unit]}]},
+         "golden image nope not found"),
+        ("address exhaustion", {"host_network_pool_start": "198.18.84.10", "host_network_pool_end": "198.18.84.10",
+                                "microvm_vms": [{"name": "a1"}, {"name": "a2"}]},
+         "pool 198.18.84.10-198.18.84.10 of 198.18.84.0/24 is exhausted"),
+        ("TAP name taken by another device", {"microvm_vms": [{"name": "a1"}]},
+         "TAP fc-c6125402: a veth link of that name already exists"),
+        ("pool outside the CIDR", {"host_network_pool_start": "198.18.85.2", "microvm_vms": [{"name": "a1"}]},
+         "pool_start 198.18.85.2 is not a usable host address of 198.18.84.0/24"),
+        ("gateway inside the pool", {"host_network_gateway": "198.18.84.20", "microvm_vms": [{"name": "a1"}]},
+         "contains the gateway 198.18.84.20"),
+    ]
+    for label, overrides, expected in cases:
+        result = lab["runner"].run_playbook(LAUNCH, extra_vars={**lab["vars"], **overrides})
+        message = failure(result)
+        assert expected in message, (label, message)
+        assert not (lab["state"] / "allocations.json").exists(), label
+        assert not (lab["state"] / "vms").exists() or not list((lab["state"] / "vms").iterdir()), label
+        assert netcheck.snapshot(lab["netns"]) == before, label
+        assert reservations(lab["net_dir"]) == [], label
+        assert "p4ss" not in result.output, "a credential is never echoed"
+
+
+def test_all_problems_are_named_at_once(lab):
+    result = lab["runner"].run_playbook(LAUNCH, extra_vars={**lab["vars"], "microvm_vms": [
+        {"name": "a1", "vcpu_count": 0}, {"name": "a1"}, {"name": "b_2"}]})
+    message = failure(result)
+    for fragment in ("VM a1: vcpu_count: 0 is out of range", "VM a1: the name is used twice", "name 'b_2' is not valid"):
+        assert fragment in message, message
+    assert json.dumps(message).count("VM ") >= 3
