@@ -22,11 +22,16 @@ TOOL_HOME := $(CURDIR)/tests/output/.home
 # Debian 12 / Ubuntu 22.04+ packages the test suite needs (all exist in Debian 12).
 DEB_PACKAGES := \
 	ca-certificates \
+	busybox \
 	debootstrap \
 	dnsmasq-base \
+	dnsmasq-utils \
 	e2fsprogs \
 	git \
 	iproute2 \
+	iptables \
+	iputils-ping \
+	openssh-client \
 	kmod \
 	lz4 \
 	mmdebstrap \
@@ -38,10 +43,11 @@ DEB_PACKAGES := \
 	qemu-system-x86 \
 	shellcheck \
 	systemd \
+	systemd-container \
 	util-linux \
 	zstd
 
-.PHONY: help deps venv sanity unit integration standin compat lint docs-lint changelog-lint test quickstart build clean
+.PHONY: help deps venv sanity unit integration standin molecule compat lint docs-lint changelog-lint test quickstart build clean
 
 help:
 	@echo "make quickstart      deps + venv, then run playbooks/quickstart.yml on localhost (root)"
@@ -52,6 +58,7 @@ help:
 	@echo "make unit            pytest tests/unit"
 	@echo "make integration     pytest tests/integration (root; real kernel objects in network namespaces)"
 	@echo "make standin         the Firecracker API stand-in's own conformance and boot tests (root)"
+	@echo "make molecule        Molecule scenarios on systemd-nspawn hosts over SSH (root; hack/molecule.sh)"
 	@echo "make compat          unit + module integration tests again with the newest ansible-core on Python >= 3.12"
 	@echo "make lint            ansible-lint --profile production"
 	@echo "make docs-lint       antsibull-docs lint-collection-docs --plugin-docs"
@@ -113,13 +120,17 @@ integration: venv
 standin: venv
 	$(VENV)/bin/pytest tests/standin -q
 
+# Molecule scenarios on systemd hosts (systemd-nspawn, reached over SSH); see extensions/molecule/.
+molecule: venv
+	VENV="$(VENV_ABS)" hack/molecule.sh
+
 # The same modules under the newest ansible-core, which needs Python >= 3.12 (Debian 12 has
 # 3.11; Ubuntu 24.04, pyenv or a python3.12 package provide one). The module tests run there
 # again; the slow image/VM tests stay in `make integration`.
 NEWEST_VENV ?= .venv-newest
 COMPAT_TESTS := tests/unit tests/integration/test_tap_vnet_hdr.py tests/integration/test_fc_bridge.py \
-	tests/integration/test_rootfs_inject.py tests/integration/test_quickstart.py \
-	tests/integration/test_fc_allocation.py
+	tests/integration/test_rootfs_inject.py tests/integration/test_fc_allocation.py \
+	tests/integration/test_host_network.py
 compat: venv
 	@py=$$(hack/newest-python.sh); \
 	if [[ -z $$py ]]; then \
@@ -154,11 +165,12 @@ test: deps venv
 	$(MAKE) unit
 	$(MAKE) integration
 	$(MAKE) standin
+	$(MAKE) molecule
 	$(MAKE) compat
 	$(MAKE) lint
 	$(MAKE) docs-lint
 	$(MAKE) changelog-lint
-	@echo "test: sanity, unit, integration, standin, compat, lint, docs-lint, changelog-lint all passed"
+	@echo "test: sanity, unit, integration, standin, molecule, compat, lint, docs-lint, changelog-lint all passed"
 
 # Extra ansible-playbook arguments, e.g. QUICKSTART_ARGS='-e quickstart_state=absent'.
 QUICKSTART_ARGS ?=
