@@ -20,9 +20,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional, Sequence
+
+from ansible_collections.microvm.firecracker.plugins.module_utils._procs import (
+    argv_of,
+    pid_alive,
+    wait_until,
+)
 
 HOSTSFILE_HEADER = ("# DHCP reservations (MAC,IP,hostname) of this VM bridge, written by microvm.firecracker;\n"
                     "# dnsmasq re-reads this file on SIGHUP. Changes made by hand are replaced on the next run.\n")
@@ -32,36 +37,6 @@ _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 
 class DnsmasqError(Exception):
     """Invalid reservations, a configuration without a pid file, or dnsmasq failing to start, stop or release."""
-
-
-def wait_until(condition: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
-    """Poll ``condition`` until it is truthy or ``timeout`` seconds passed; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)
-
-
-def pid_alive(pid: Optional[int]) -> bool:
-    """True for a live process; a zombie counts as gone."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            stat = handle.read()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
-def cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return [part.decode("utf-8", "replace") for part in handle.read().split(b"\0") if part]
-    except OSError:
-        return []
 
 
 def config_value(config: str, key: str) -> Optional[str]:
@@ -78,7 +53,7 @@ def config_value(config: str, key: str) -> Optional[str]:
     return value
 
 
-def names_config(argv: list[str], config: str) -> bool:
+def names_config(argv: Sequence[str], config: str) -> bool:
     """Whether a dnsmasq command line reads ``config`` (``-C FILE``, ``-CFILE``, ``--conf-file[=]FILE``)."""
     if not argv or os.path.basename(argv[0]) != "dnsmasq":
         return False
@@ -104,7 +79,7 @@ def running_pid(pidfile: str, config: Optional[str]) -> Optional[int]:
     pid = read_pid(pidfile)
     if not pid_alive(pid):
         return None
-    argv = cmdline(pid or 0)
+    argv = argv_of(pid or 0)
     if config is None:
         return pid if argv and os.path.basename(argv[0]) == "dnsmasq" else None
     return pid if names_config(argv, config) else None
@@ -253,27 +228,47 @@ def write_atomic(path: str, content: str, mode: int = 0o644) -> None:
 
 @dataclass(frozen=True)
 class Lease:
+    """One IPv4 lease of a dnsmasq lease file (MAC in lower case; ``*`` for an unknown hostname or client id)."""
+
     expiry: str
     mac: str
     ip: str
-    hostname: str
-    client_id: str
-    line: str
+    hostname: str = "*"
+    client_id: str = "*"
+    line: str = field(default="", compare=False)  # the lease file line it was read from ("" when built by hand)
 
     def describe(self) -> str:
-        return f"{self.ip} ({self.mac}{'' if self.hostname == '*' else ', ' + self.hostname})"
+        return f"{self.ip} ({self.mac}{'' if self.hostname in ('', '*') else ', ' + self.hostname})"
+
+    def release_argv(self, binary: str, interface: str) -> list[str]:
+        """``dhcp_release IFACE IP MAC [CLIENT-ID]``: dnsmasq matches the client id when the lease has one."""
+        argv = [binary, interface, self.ip, self.mac]
+        if self.client_id not in ("", "*"):
+            argv.append(self.client_id)
+        return argv
 
 
 def parse_leases(text: Optional[str]) -> list[Lease]:
-    """IPv4 lease lines of a dnsmasq lease file: ``expiry mac ip hostname client-id``."""
+    """IPv4 Ethernet leases of a dnsmasq lease file (``expiry mac ip hostname client-id``); DUID lines, IPv6
+    leases and lines without a MAC address are skipped."""
     leases = []
     for line in (text or "").splitlines():
         fields = line.split()
-        if len(fields) < 4 or fields[0] == "duid" or ":" in fields[2]:
+        if len(fields) < 4 or fields[0] == "duid" or not _MAC.match(fields[1].lower()):
             continue
-        leases.append(Lease(fields[0], fields[1].lower(), fields[2], fields[3],
-                            fields[4] if len(fields) > 4 else "*", line))
+        try:
+            ipaddress.IPv4Address(fields[2])
+        except ValueError:
+            continue
+        leases.append(Lease(expiry=fields[0], mac=fields[1].lower(), ip=fields[2], hostname=fields[3],
+                            client_id=fields[4] if len(fields) > 4 else "*", line=line))
     return leases
+
+
+def still_leased(leases: Iterable[Lease], current: Iterable[Lease]) -> list[Lease]:
+    """Those of ``leases`` whose MAC and address ``current`` (a fresh read of the lease file) still holds."""
+    held = {(lease.mac.lower(), lease.ip) for lease in current}
+    return [lease for lease in leases if (lease.mac.lower(), lease.ip) in held]
 
 
 def stale_leases(leases: list[Lease], reservations: list[Reservation]) -> list[Lease]:
@@ -281,9 +276,19 @@ def stale_leases(leases: list[Lease], reservations: list[Reservation]) -> list[L
     return [lease for lease in leases if (lease.mac, lease.ip) not in reserved]
 
 
+# Where dnsmasq-utils puts it, and the sbin directories Ansible's get_bin_path also looks in.
+DHCP_RELEASE_PATHS = ("/usr/bin/dhcp_release", "/usr/sbin/dhcp_release", "/usr/local/sbin/dhcp_release",
+                      "/sbin/dhcp_release")
+
+
+def find_dhcp_release() -> Optional[str]:
+    """The path of dnsmasq-utils' ``dhcp_release`` (on PATH or in the usual places), None when not installed."""
+    return shutil.which("dhcp_release") or next(
+        (path for path in DHCP_RELEASE_PATHS if os.access(path, os.X_OK)), None)
+
+
 def dhcp_release_binary() -> str:
-    path = shutil.which("dhcp_release") or next(
-        (p for p in ("/usr/bin/dhcp_release", "/usr/sbin/dhcp_release") if os.access(p, os.X_OK)), None)
+    path = find_dhcp_release()
     if not path:
         raise DnsmasqError("dhcp_release not found (install dnsmasq-utils): needed to release leases")
     return path
@@ -293,17 +298,13 @@ def release(interface: str, leases: list[Lease], leasefile: str, timeout: float)
     """Ask the running dnsmasq to drop each lease (``dhcp_release``) and wait until its lease file agrees."""
     binary = dhcp_release_binary()
     for lease in leases:
-        argv = [binary, interface, lease.ip, lease.mac]
-        if lease.client_id not in ("", "*"):
-            argv.append(lease.client_id)
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        proc = subprocess.run(lease.release_argv(binary, interface), capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise DnsmasqError(f"lease {lease.describe()}: dhcp_release on {interface} failed: "
                                f"{(proc.stderr or proc.stdout).strip() or proc.returncode}")
-    wanted = {(lease.mac, lease.ip) for lease in leases}
 
     def left() -> list[Lease]:
-        return [lease for lease in parse_leases(read_text(leasefile)) if (lease.mac, lease.ip) in wanted]
+        return still_leased(leases, parse_leases(read_text(leasefile)))
 
     if wait_until(lambda: not left(), timeout):
         return
@@ -316,5 +317,5 @@ def release(interface: str, leases: list[Lease], leasefile: str, timeout: float)
 def drop_from_leasefile(leasefile: str, leases: list[Lease]) -> None:
     """Remove lease lines while no dnsmasq runs (it would rewrite the file from memory otherwise)."""
     text = read_text(leasefile) or ""
-    drop = {lease.line for lease in leases}
+    drop = {lease.line for lease in leases if lease.line}
     write_atomic(leasefile, "".join(line + "\n" for line in text.splitlines() if line not in drop))

@@ -23,6 +23,7 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._fc_api import
     wait_for_socket,
 )
 from ansible_collections.microvm.firecracker.plugins.module_utils._fc_config import VMSpec, differences
+from ansible_collections.microvm.firecracker.plugins.module_utils._procs import argv_of, pid_alive, wait_until
 
 MARKER = ".fc_vm"
 API_START_SECONDS = 10.0
@@ -69,26 +70,6 @@ def supports_network_overrides(version: str) -> bool:
     return bool(match) and (int(match.group(1)), int(match.group(2))) >= (1, 12)
 
 
-def pid_alive(pid: Optional[int]) -> bool:
-    """True for a live process; a zombie (exited, not yet reaped) counts as gone."""
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
-            stat = handle.read()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except OSError:
-        return ""
-
-
 def _write(path: str, content: str, mode: int = 0o600) -> bool:
     """Write atomically; True when the content changed."""
     try:
@@ -126,7 +107,7 @@ class ProcessSupervisor:
         except (OSError, ValueError):
             return None
         # The pid must still be our VMM: a recycled pid runs something without our socket path.
-        if pid_alive(pid) and self.paths.socket in _cmdline(pid):
+        if pid_alive(pid) and self.paths.socket in " ".join(argv_of(pid)):
             return pid
         return None
 
@@ -460,10 +441,7 @@ class MicroVM:
                     continue
             else:
                 self.supervisor.terminate(pid, sig)
-            deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline and pid_alive(pid):
-                time.sleep(0.005)
-            if not pid_alive(pid):
+            if wait_until(lambda: not pid_alive(pid), seconds, interval=0.005):
                 outcome.actions.append(f"stopped ({step})")
                 outcome.changed = True
                 self._forget_process()

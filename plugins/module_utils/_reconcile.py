@@ -15,7 +15,6 @@ and MAC of its allocation or of its ``config.json``, nor a TAP that its VMM hold
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import re
@@ -24,9 +23,8 @@ import signal
 import socket
 import stat
 import subprocess
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from ansible_collections.microvm.firecracker.plugins.module_utils._allocator import (
     STATE_FILE,
@@ -34,7 +32,9 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._allocator imp
     Allocator,
     make_pool,
 )
+from ansible_collections.microvm.firecracker.plugins.module_utils._dnsmasq import Lease, parse_leases, still_leased
 from ansible_collections.microvm.firecracker.plugins.module_utils._netlink import Link, Netlink, NetlinkOperationError
+from ansible_collections.microvm.firecracker.plugins.module_utils._procs import argv_of, start_time, wait_until
 
 # Also the removal order: a VMM holds its TAP and its directory, an allocation must outlive its leftovers.
 KINDS = ("processes", "taps", "leases", "vm_dirs", "allocations")
@@ -46,7 +46,6 @@ POLL_SECONDS = 0.02
 NOT_VM_DIRS = ("lost+found",)
 # Only used to construct the Allocator (for its lock and its reader); a rewrite uses the stored network.
 _PLACEHOLDER_CIDR = "198.18.0.0/15"
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}$")
 _UNIT = re.compile(r"/(firecracker@[^/]+\.service)(?:/|$)")
 
 
@@ -88,15 +87,6 @@ class TapDevice:
     bridge: Optional[str]
     attached: bool  # the kernel's view (carrier / queue count): some process holds it open
     holders: tuple[int, ...] = ()  # pids in this network namespace with the TAP open
-
-
-@dataclass(frozen=True)
-class Lease:
-    expiry: str
-    mac: str
-    ip: str
-    hostname: str
-    client_id: str
 
 
 @dataclass
@@ -278,22 +268,6 @@ def unlisted_vms(snap: Snapshot) -> list[str]:
 # --- reading the host (parsers pure, scanners take their roots as arguments) ------------------
 
 
-def parse_leases(text: str) -> list[Lease]:
-    """IPv4 leases of a dnsmasq lease file (``expiry mac ip hostname client-id``); IPv6 and DUID lines skipped."""
-    leases = []
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 4 or parts[0] == "duid" or not _MAC.match(parts[1]):
-            continue
-        try:
-            ipaddress.IPv4Address(parts[2])
-        except ValueError:
-            continue
-        leases.append(Lease(expiry=parts[0], mac=parts[1], ip=parts[2], hostname=parts[3],
-                            client_id=parts[4] if len(parts) > 4 else "*"))
-    return leases
-
-
 def read_leases(path: str) -> Optional[list[Lease]]:
     """The lease file's IPv4 leases; None when the file does not exist."""
     try:
@@ -381,37 +355,17 @@ def vmm_of(argv: tuple[str, ...], vms_dirs: Iterable[str]) -> Optional[tuple[str
     return None
 
 
-def parse_stat(text: str) -> Optional[tuple[str, int]]:
-    """(state letter, start time) from /proc/<pid>/stat; the command name may contain spaces and ')'."""
-    fields = text.rsplit(")", 1)[-1].split()
-    if len(fields) < 20:
-        return None
-    try:
-        return fields[0], int(fields[19])
-    except ValueError:
-        return None
-
-
 def unit_of(cgroup_text: str) -> Optional[str]:
     match = _UNIT.search(cgroup_text)
     return match.group(1) if match else None
 
 
-def _read(path: str, binary: bool = False) -> Any:
+def _read(path: str) -> Optional[str]:
     try:
-        with open(path, "rb" if binary else "r") as handle:
+        with open(path, encoding="utf-8") as handle:
             return handle.read()
     except (OSError, UnicodeDecodeError):
         return None
-
-
-def start_time(pid: int, proc_root: str = "/proc") -> Optional[int]:
-    """The process's start time, or None when it is gone or a zombie."""
-    text = _read(f"{proc_root}/{pid}/stat")
-    parsed = parse_stat(text) if text else None
-    if parsed is None or parsed[0] in ("Z", "X"):
-        return None
-    return parsed[1]
 
 
 def _short(text: str, limit: int = 160) -> str:
@@ -427,13 +381,6 @@ def _pids_in(proc_root: str) -> list[int]:
         raise ReconcileError(f"{proc_root}: cannot list processes: {exc.strerror}") from None
 
 
-def _argv(pid: int, proc_root: str) -> tuple[str, ...]:
-    raw = _read(f"{proc_root}/{pid}/cmdline", binary=True)
-    if not raw:
-        return ()
-    return tuple(part.decode("utf-8", "replace") for part in raw.rstrip(b"\0").split(b"\0"))
-
-
 def find_vmm_processes(vms_dir: str, proc_root: str = "/proc") -> list[VMMProcess]:
     """Live VMM processes (any network namespace) whose API socket or launch script is under ``vms_dir``."""
     roots = {os.path.normpath(os.path.abspath(vms_dir)), os.path.realpath(vms_dir)}
@@ -442,7 +389,7 @@ def find_vmm_processes(vms_dir: str, proc_root: str = "/proc") -> list[VMMProces
     for pid in _pids_in(proc_root):
         if pid == own:
             continue
-        argv = _argv(pid, proc_root)
+        argv = argv_of(pid, proc_root)
         match = vmm_of(argv, roots) if argv else None
         if match is None:
             continue
@@ -490,7 +437,7 @@ def find_tap_holders(proc_root: str = "/proc") -> tuple[dict[str, list[int]], di
             continue
         for name in names:
             holders.setdefault(name, []).append(pid)
-        cmdlines[pid] = _short(" ".join(_argv(pid, proc_root)))
+        cmdlines[pid] = _short(" ".join(argv_of(pid, proc_root)))
     return holders, cmdlines
 
 
@@ -681,16 +628,6 @@ def run(settings: Settings, check_mode: bool) -> Outcome:
 # --- removal ------------------------------------------------------------------------
 
 
-def _wait(condition: Callable[[], bool], seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(POLL_SECONDS)
-
-
 class Remover:
     """Carries out the removable orphans of one classification, re-checking each object first."""
 
@@ -735,7 +672,7 @@ class Remover:
                 if error:
                     self.outcome.failures.append(error)
                     pending.remove(orphan)
-            _wait(lambda: not any(self._alive(o.ref) for o in pending), seconds)
+            wait_until(lambda: not any(self._alive(o.ref) for o in pending), seconds, POLL_SECONDS)
             for orphan in list(pending):
                 if not self._alive(orphan.ref):
                     self.outcome.done(orphan, note=f"stopped ({signal.Signals(sig).name})")
@@ -794,9 +731,7 @@ class Remover:
         sent = []
         for orphan in todo:
             lease: Lease = orphan.ref
-            argv = [self.settings.dhcp_release or "dhcp_release", iface, lease.ip, lease.mac]
-            if lease.client_id not in ("", "*"):
-                argv.append(lease.client_id)
+            argv = lease.release_argv(self.settings.dhcp_release or "dhcp_release", iface)
             try:
                 proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
             except (OSError, subprocess.TimeoutExpired) as exc:
@@ -809,15 +744,13 @@ class Remover:
                 continue
             sent.append(orphan)
 
-        def still_leased() -> list[Orphan]:
-            current = read_leases(path) or []
-            keys = {(lease.ip, lease.mac.lower()) for lease in current}
-            return [o for o in sent if (o.ref.ip, o.ref.mac.lower()) in keys]
+        def left() -> list[Lease]:
+            return still_leased([orphan.ref for orphan in sent], read_leases(path) or [])
 
-        _wait(lambda: not still_leased(), RELEASE_SECONDS)
-        left = still_leased()
+        wait_until(lambda: not left(), RELEASE_SECONDS, POLL_SECONDS)
+        remaining = left()
         for orphan in sent:
-            if orphan in left:
+            if orphan.ref in remaining:
                 self.outcome.failures.append(
                     f"lease {orphan.ref.ip} ({orphan.ref.mac}): dnsmasq did not drop it from {path} within "
                     f"{RELEASE_SECONDS:g} s of dhcp_release on {iface}{self.settings.where} (is dnsmasq running, "

@@ -10,7 +10,7 @@ imported rather than restated, so the role cannot accept what a module would ref
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ansible_collections.microvm.firecracker.plugins.module_utils._fc_config import (
     _VM_NAME,
@@ -53,6 +53,28 @@ def _unknown(where: str, entry: dict[str, Any], allowed: frozenset[str], problem
     extra = sorted(set(entry) - allowed)
     if extra:
         problems.append(f"{where}: unknown key(s) {', '.join(map(str, extra))} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _injections(label: str, vm: dict[str, Any], key: str, allowed: frozenset[str],
+                check: Callable[[dict[str, Any]], Any], problems: list[str]) -> list[Any]:
+    """The list ``vm[key]`` of things to inject (units, files), each checked by ``check`` (rootfs_inject's rule,
+    raising InjectError), for known keys and for exactly one source; returned as given (``[]`` when unset)."""
+    entries = vm.get(key) or []
+    if not isinstance(entries, list):
+        problems.append(f"{label}: {key} must be a list")
+        return []
+    for position, entry in enumerate(entries):
+        where = f"{label}: {key}[{position}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: expected a dict")
+            continue
+        _unknown(where, entry, allowed, problems)
+        try:
+            check(entry)
+        except InjectError as exc:
+            problems.append(f"{where}: {exc.cause}")
+        _sources(where, entry, problems)
+    return entries
 
 
 def _one(vm: Any, index: int, profiles: dict[str, Any], defaults: dict[str, Any],
@@ -109,39 +131,10 @@ def _one(vm: Any, index: int, profiles: dict[str, Any], defaults: dict[str, Any]
         problems.append(f"{label}: environment: {exc.cause}")
     plan["environment"] = environment
 
-    units = vm.get("systemd_units") or []
-    if not isinstance(units, list):
-        problems.append(f"{label}: systemd_units must be a list")
-        units = []
-    for position, unit in enumerate(units):
-        where = f"{label}: systemd_units[{position}]"
-        if not isinstance(unit, dict):
-            problems.append(f"{where}: expected a dict")
-            continue
-        _unknown(where, unit, UNIT_KEYS, problems)
-        try:
-            check_unit_name(unit.get("name"))
-        except InjectError as exc:
-            problems.append(f"{where}: {exc.cause}")
-        _sources(where, unit, problems)
-    plan["systemd_units"] = units
-
-    files = vm.get("files") or []
-    if not isinstance(files, list):
-        problems.append(f"{label}: files must be a list")
-        files = []
-    for position, entry in enumerate(files):
-        where = f"{label}: files[{position}]"
-        if not isinstance(entry, dict):
-            problems.append(f"{where}: expected a dict")
-            continue
-        _unknown(where, entry, FILE_KEYS, problems)
-        try:
-            check_guest_path(entry.get("dest"), "dest")
-        except InjectError as exc:
-            problems.append(f"{where}: {exc.cause}")
-        _sources(where, entry, problems)
-    plan["files"] = files
+    plan["systemd_units"] = _injections(label, vm, "systemd_units", UNIT_KEYS,
+                                        lambda unit: check_unit_name(unit.get("name")), problems)
+    plan["files"] = _injections(label, vm, "files", FILE_KEYS,
+                                lambda entry: check_guest_path(entry.get("dest"), "dest"), problems)
 
     wait_for = vm.get("wait_for")
     if wait_for is not None:

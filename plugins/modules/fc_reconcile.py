@@ -171,7 +171,7 @@ unlisted_vms:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.microvm.firecracker.plugins.module_utils import _reconcile
+from ansible_collections.microvm.firecracker.plugins.module_utils import _dnsmasq, _reconcile
 from ansible_collections.microvm.firecracker.plugins.module_utils._netns import NetnsError, enter_netns
 
 
@@ -193,7 +193,7 @@ def main() -> None:
     )
     params = module.params
     try:
-        settings = _reconcile.settings_from(params, module.get_bin_path("dhcp_release"))
+        settings = _reconcile.settings_from(params, _dnsmasq.find_dhcp_release())
         if settings.netns:
             enter_netns(settings.netns)
         outcome = _reconcile.run(settings, module.check_mode)

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from ansible_collections.microvm.firecracker.plugins.module_utils import _procs
 from ansible_collections.microvm.firecracker.plugins.module_utils import _reconcile as rc
+from ansible_collections.microvm.firecracker.plugins.module_utils._dnsmasq import Lease
 from ansible_collections.microvm.firecracker.plugins.module_utils._allocator import Allocator, make_pool
 from ansible_collections.microvm.firecracker.plugins.module_utils._netlink import Link, TunInfo
 
@@ -34,8 +36,8 @@ def tap(name: str, holders=(), attached=None, index=10) -> rc.TapDevice:
                         attached=bool(holders) if attached is None else attached)
 
 
-def lease(ip: str, mac: str) -> rc.Lease:
-    return rc.Lease(expiry="1795923186", mac=mac, ip=ip, hostname="*", client_id="*")
+def lease(ip: str, mac: str) -> Lease:
+    return Lease(expiry="1795923186", mac=mac, ip=ip, hostname="*", client_id="*")
 
 
 def names(orphans: dict, kind: str) -> list:
@@ -164,16 +166,25 @@ def test_nothing_at_all_is_clean():
 # --- parsers -----------------------------------------------------------------------
 
 
-def test_parse_leases_keeps_ipv4_ethernet_leases_only():
+def test_read_leases_keeps_ipv4_ethernet_leases_only(tmp_path: Path):
     text = ("1795923186 06:00:c6:12:5f:02 198.18.95.2 keep *\n"
-            "1795923186 06:00:c6:12:5f:64 198.18.95.100 old 01:06:00:c6:12:5f:64\n"
+            "1795923186 06:00:C6:12:5F:64 198.18.95.100 old 01:06:00:c6:12:5f:64\n"
             "duid 00:01:00:01:2c:aa:bb:cc:dd:ee:ff:00:11:22\n"
             "1795923186 1234567 fd00::5 v6host 00:01:00:01\n"
+            "1795923186 20-00:11:22:33:44:55:66:77:88:99:aa:bb:cc:dd:ee:ff:00:11:22:33 198.18.95.7 ib *\n"
+            "1795923186 06:00:c6:12:5f:08 not-an-ip x *\n"
             "garbage\n\n")
-    leases = rc.parse_leases(text)
+    path = tmp_path / "dnsmasq.leases"
+    path.write_text(text)
+    leases = rc.read_leases(str(path))
     assert [(l.ip, l.mac, l.hostname, l.client_id) for l in leases] == [
         ("198.18.95.2", "06:00:c6:12:5f:02", "keep", "*"),
-        ("198.18.95.100", "06:00:c6:12:5f:64", "old", "01:06:00:c6:12:5f:64")]
+        ("198.18.95.100", "06:00:c6:12:5f:64", "old", "01:06:00:c6:12:5f:64")], "MACs in lower case"
+    assert leases[1].release_argv("/usr/bin/dhcp_release", "fcbr0") == [
+        "/usr/bin/dhcp_release", "fcbr0", "198.18.95.100", "06:00:c6:12:5f:64", "01:06:00:c6:12:5f:64"]
+    assert leases[0].release_argv("dhcp_release", "fcbr0") == ["dhcp_release", "fcbr0", "198.18.95.2",
+                                                               "06:00:c6:12:5f:02"], "no client id to match"
+    assert rc.read_leases(str(tmp_path / "missing")) is None
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -196,8 +207,8 @@ def test_vmm_of(argv, expected):
 
 def test_parse_stat_handles_spaces_and_parens_in_the_command_name():
     fields = ["S"] + ["0"] * 18 + ["123456"] + ["0"] * 5
-    assert rc.parse_stat("42 (a ) b) " + " ".join(fields)) == ("S", 123456)
-    assert rc.parse_stat("42 (x) Z 1") is None
+    assert _procs.parse_stat("42 (a ) b) " + " ".join(fields)) == ("S", 123456)
+    assert _procs.parse_stat("42 (x) Z 1") is None
 
 
 def test_unit_of():
@@ -286,6 +297,7 @@ def test_start_time_is_none_for_gone_and_zombie(proc: Path):
     assert rc.start_time(100, str(proc)) == 1000
     assert rc.start_time(102, str(proc)) is None
     assert rc.start_time(999, str(proc)) is None
+    assert [pid for pid in (100, 102, 999, 0, None) if _procs.pid_alive(pid, str(proc))] == [100]
 
 
 def test_read_vm_dirs_takes_real_directories_and_their_config(tmp_path: Path):
