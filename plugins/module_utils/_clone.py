@@ -91,8 +91,10 @@ def copy_sparse(source: str, dest: str) -> None:
         raise
 
 
-def plan(src: str, dest: str, state: str, refresh: bool) -> dict[str, Any]:
-    """What a run would do: ``action`` is one of none, clone, reclone, remove."""
+def plan(src: str, dest: str, state: str, refresh: bool, check_mode: bool = False) -> dict[str, Any]:
+    """What a run would do: ``action`` is one of none, clone, reclone, remove.
+
+    In check mode a missing directory is no error: an earlier task of the same run would create it."""
     exists = os.path.lexists(dest)
     if exists and not os.path.isfile(dest):
         raise CloneError("%s: exists and is not a regular file" % dest)
@@ -101,7 +103,7 @@ def plan(src: str, dest: str, state: str, refresh: bool) -> dict[str, Any]:
         return {"action": "remove" if exists or os.path.exists(dest + RECORD_SUFFIX) else "none",
                 "record": record, "source": None}
     source = resolve_source(src)
-    if not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
+    if not check_mode and not os.path.isdir(os.path.dirname(os.path.abspath(dest))):
         raise CloneError("%s: directory %s does not exist" % (dest, os.path.dirname(os.path.abspath(dest))))
     if not exists:
         return {"action": "clone", "record": None, "source": source}
@@ -112,7 +114,7 @@ def plan(src: str, dest: str, state: str, refresh: bool) -> dict[str, Any]:
 
 
 def apply(src: str, dest: str, state: str, refresh: bool, check_mode: bool) -> dict[str, Any]:
-    steps = plan(src, dest, state, refresh)
+    steps = plan(src, dest, state, refresh, check_mode)
     action = steps["action"]
     if action in ("reclone", "remove") and os.path.exists(dest):
         _refuse_in_use(dest)

@@ -102,3 +102,20 @@ def test_all_problems_are_named_at_once(lab):
     for fragment in ("VM a1: vcpu_count: 0 is out of range", "VM a1: the name is used twice", "name 'b_2' is not valid"):
         assert fragment in message, message
     assert json.dumps(message).count("VM ") >= 3
+
+
+def test_check_mode_predicts_a_launch_and_creates_nothing(lab):
+    before = netcheck.snapshot(lab["netns"])
+    vm = {"name": "c1", "environment": {"TOKEN": "not-shown-1f2e"}, "environment_secret": True,
+          "systemd_units": [{"name": "x.service", "content": "[Service]\nExecStart=/bin/true\n"}]}
+    result = lab["runner"].run_playbook(LAUNCH, check=True, extra_vars={**lab["vars"], "microvm_vms": [vm]})
+    assert result.rc == 0, result.output
+    changed = {r["task"].split(" : ", 1)[-1] for r in result.records if r["result"].get("changed")}
+    for task in ("Allocate addresses, MACs and TAP names", "Create the TAPs on the bridge",
+                 "Clone the current golden version for new VMs (sparse)", "Remember what was injected"):
+        assert task in changed, (task, sorted(changed))
+    assert not (lab["state"] / "allocations.json").exists()
+    assert not (lab["state"] / "vms").exists()
+    assert netcheck.snapshot(lab["netns"]) == before
+    assert reservations(lab["net_dir"]) == []
+    assert "not-shown-1f2e" not in result.output and "not-shown-1f2e" not in json.dumps(result.records)

@@ -198,6 +198,8 @@ def test_two_vms_reserved_addresses_nat_isolation_rerun_and_teardown(lab):
     again = lab.runner.run_playbook(QUICKSTART, extra_vars=variables)
     assert again.rc == 0, again.output
     assert changed_tasks(again) == [], f"re-run changed {changed_tasks(again)}"
+    predicted = lab.runner.run_playbook(QUICKSTART, extra_vars=variables, check=True)
+    assert predicted.rc == 0 and changed_tasks(predicted) == [], predicted.output
     assert vmm_pids(state_dir) == pids
 
     isolated = lab.runner.run_playbook(QUICKSTART, extra_vars={**variables, "host_network_guest_isolation": True})
