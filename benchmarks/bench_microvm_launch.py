@@ -120,14 +120,14 @@ def run() -> dict[str, Any]:
         CACHE.mkdir(parents=True, exist_ok=True)
         runner.play([{"ansible.builtin.include_role": {"name": "microvm.firecracker.golden_image"}}], golden)
         runner.play([{"ansible.builtin.include_role": {"name": "microvm.firecracker.host_network"}}], variables)
-        noop, _ = runner.play([{"ansible.builtin.ping": {}}], variables)
+        noop = runner.play([{"ansible.builtin.ping": {}}], variables)[0]
         launch = REPO / "playbooks" / "launch.yml"
         first, first_records = runner.playbook(launch, {**variables, "microvm_vms": vms})
         runner.playbook(launch, {**variables, "microvm_vms": waited})
         rerun, rerun_records = runner.playbook(launch, {**variables, "microvm_vms": waited})
         changed = [r["task"] for r in rerun_records if r["result"].get("changed")]
-        teardown, _ = runner.playbook(REPO / "playbooks" / "teardown.yml",
-                                      {**variables, "microvm_vms": vms, "microvm_teardown_all": True})
+        teardown = runner.playbook(REPO / "playbooks" / "teardown.yml",
+                                   {**variables, "microvm_vms": vms, "microvm_teardown_all": True})[0]
     finally:
         for pidfile in [*tmp.rglob("firecracker.pid"), *tmp.rglob("dnsmasq.pid")]:
             try:
