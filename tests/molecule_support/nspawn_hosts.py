@@ -6,6 +6,9 @@ from pytest as well. As root:
   python3 nspawn_hosts.py build --cache DIR     the host tree, built once per content digest (path printed)
   python3 nspawn_hosts.py up --state DIR --cache DIR --hosts JSON
                                                 boot the hosts at once, wait for their sshd, print JSON
+  python3 nspawn_hosts.py reboot --state DIR --host NAME
+                                                after `systemctl reboot` inside NAME: wait for it to go
+                                                down, boot the same host again, wait for its sshd
   python3 nspawn_hosts.py down --state DIR      stop and remove everything `up` recorded (repeatable)
   python3 nspawn_hosts.py proxy --netns NAME HOST PORT
                                                 ssh ProxyCommand: TCP to HOST:PORT made inside NAME
@@ -563,6 +566,8 @@ def up(state: State, cache: Path, platforms: list[dict[str, Any]], script: Path)
             "work": str(hostdir / "work"), "console": str(hostdir / "console.log"),
             "cgroups": [str(r / f"mfc-{rid}-{name}") for r in roots], "pid": None, "leader": None,
             "scope": f"mfc-{rid}-{name}.scope" if systemd_pid1 else None,
+            # What `reboot` needs to start the same host again.
+            "boot": {"machine_id": host["machine_id"], "volumes": host["volumes"]},
         }
         state.data["hosts"][name] = record
         state.save()
@@ -634,6 +639,40 @@ def up(state: State, cache: Path, platforms: list[dict[str, Any]], script: Path)
                    ("name", "address", "pid", "leader", "machine", "started_at", "ssh_ready_at")}
                   for h in planned],
     }
+
+
+# --- reboot --------------------------------------------------------------------------------------------
+
+def reboot(state: State, name: str) -> dict[str, Any]:
+    """The second half of a host restart: after `systemctl reboot` inside the host, systemd-nspawn exits
+    (with status 133, "reboot requested", seen only by its parent); wait for that, then boot the same host
+    again (same tree and upper directory, machine id, fabric address, host key) and wait for its sshd."""
+    record = state.data["hosts"].get(name)
+    if not record or not record.get("boot"):
+        raise HostError(f"host {name}: not in {state.file} (or booted by an older nspawn_hosts.py)")
+    old = record["pid"]
+    if not wait_until(lambda: not is_our_nspawn(old, record["machine"]), time.monotonic() + STOP_DEADLINE + 30):
+        raise HostError(f"host {name}: systemd-nspawn (pid {old}) still runs {STOP_DEADLINE + 30:g} s later: "
+                        f"was `systemctl reboot` run inside the host? console:\n{console_tail(record['console'])}")
+    down_at = time.time()
+    if record.get("upper_inode"):
+        remove_stale_locks(record["upper_inode"])
+    start_host(state, {"name": name, **record["boot"]})
+    fabric = state.data["fabric"]["netns"]
+    deadline = time.monotonic() + SSH_DEADLINE
+    while not ssh_banner(fabric, record["address"]):
+        if not pid_alive(record["pid"]):
+            raise HostError(f"host {name}: systemd-nspawn (pid {record['pid']}) exited during boot; "
+                            f"console:\n{console_tail(record['console'])}")
+        if time.monotonic() >= deadline:
+            raise HostError(f"host {name}: sshd did not answer on {record['address']}:22 within {SSH_DEADLINE:g} s "
+                            f"of the restart; console:\n{console_tail(record['console'])}")
+        time.sleep(0.1)
+    record["ssh_ready_at"] = time.time()
+    record["leader"] = next(iter(children(record["pid"])), None)
+    state.save()
+    return {"name": name, "old_pid": old, "pid": record["pid"], "down_at": down_at,
+            "started_at": record["started_at"], "ssh_ready_at": record["ssh_ready_at"]}
 
 
 # --- down ----------------------------------------------------------------------------------------------
@@ -832,6 +871,9 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     p_up.add_argument("--hosts", required=True, help="JSON list of {name, address?, volumes?}")
     p_down = sub.add_parser("down", help="remove everything a run created")
     p_down.add_argument("--state", required=True, type=Path)
+    p_reboot = sub.add_parser("reboot", help="after `systemctl reboot` inside a host: wait for it to go down, boot it again")
+    p_reboot.add_argument("--state", required=True, type=Path)
+    p_reboot.add_argument("--host", required=True)
     p_proxy = sub.add_parser("proxy", help="ssh ProxyCommand through a network namespace")
     p_proxy.add_argument("--netns", required=True)
     p_proxy.add_argument("host")
@@ -850,6 +892,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
             result = up(State(args.state), args.cache.resolve(), json.loads(args.hosts),
                         Path(__file__).resolve())
             print(json.dumps(result, indent=2))
+        elif args.command == "reboot":
+            print(json.dumps(reboot(State(args.state), args.host), indent=2))
         elif args.command == "down":
             print(json.dumps(down(State(args.state)), indent=2))
     except HostError as exc:
