@@ -745,8 +745,8 @@ def test_host_mode_and_systemd_files_render_and_validate(lab_root):
 
         sysctl = (root / "sysctl.d" / f"60-microvm-{instance}.conf").read_text().splitlines()
         for line in ("net.ipv4.ip_forward = 1", f"-net.ipv4.conf.{BRIDGE}.rp_filter = 2",
-                     "net.ipv4.neigh.default.gc_thresh1 = 1024", "net.ipv4.neigh.default.gc_thresh2 = 4096",
-                     "net.ipv4.neigh.default.gc_thresh3 = 8192"):
+                     "-net.ipv4.neigh.default.gc_thresh1 = 1024", "-net.ipv4.neigh.default.gc_thresh2 = 4096",
+                     "-net.ipv4.neigh.default.gc_thresh3 = 8192"):
             assert line in sysctl, (line, sysctl)
         loaded = sh("unshare", "--net", "--", "sh", "-c", 'nft -f "$1" && nft list ruleset', "-", str(conf / "nftables.nft"))
         assert f"table inet {TABLE}" in loaded.stdout and f"table bridge {TABLE}" in loaded.stdout, loaded.stdout
