@@ -229,6 +229,7 @@ def test_two_vms_reserved_addresses_nat_isolation_rerun_and_teardown(lab):
     gone = lab.runner.run_playbook(QUICKSTART, extra_vars={**variables, "quickstart_state": "absent"})
     assert gone.rc == 0, gone.output
     assert not Path("/run/netns", lab.netns).exists()
+    assert not (lab.root / "qs").exists(), "the quickstart's state is removed"
 
 
 def test_docker_like_host_still_forwards(tmp_path, golden):
