@@ -84,6 +84,16 @@ class PlaybookResult:
     def status(self, name: str) -> str:
         return [r["status"] for r in self.records if r["task"] == name][-1]
 
+    def changed_tasks(self) -> list[str]:
+        """Names of the tasks that reported a change (role tasks as "role : name")."""
+        return [r["task"] for r in self.records if r["result"].get("changed")]
+
+    def failure(self) -> str:
+        """The message of the last failed task; the run must have failed."""
+        failed = [r for r in self.records if r["status"] == "failed"]
+        assert self.rc != 0 and failed, self.output
+        return str(failed[-1]["result"].get("msg"))
+
 
 class AnsibleRunner:
     """Runs generated playbooks against localhost with this checkout as the collection."""

@@ -175,17 +175,6 @@ def run_role(ansible: AnsibleRunner, host: Host, check: bool = False, **override
     return ansible.run_role(ROLE, report, check=check, extra_vars={**host.vars, **overrides})
 
 
-def changed_tasks(result: PlaybookResult) -> list[str]:
-    return [r["task"] for r in result.records if r["result"].get("changed")]
-
-
-def failure(result: PlaybookResult) -> str:
-    assert result.rc != 0, result.output
-    failed = [r for r in result.records if r["status"] == "failed"]
-    assert failed, result.output
-    return str(failed[-1]["result"].get("msg"))
-
-
 def report(result: PlaybookResult) -> dict[str, Any]:
     assert result.rc == 0, result.output
     return result.task("Report")["msg"]
@@ -252,7 +241,7 @@ def test_install_from_url_idempotent_then_failed_and_local_file_upgrades(ansible
     seen = len(release_server.requests())
     check = run_role(ansible, host, check=True)
     assert check.rc == 0, check.output
-    predicted = changed_tasks(check)
+    predicted = check.changed_tasks()
     assert any("Download the release archive" in t for t in predicted), predicted
     assert any("Point the firecracker and jailer links" in t for t in predicted), predicted
     assert any("template unit" in t for t in predicted), predicted
@@ -309,12 +298,12 @@ def test_install_from_url_idempotent_then_failed_and_local_file_upgrades(ansible
     seen = len(release_server.requests())
     second = run_role(ansible, host)
     assert second.rc == 0, second.output
-    assert changed_tasks(second) == [], second.output
+    assert second.changed_tasks() == [], second.output
     assert release_server.requests()[seen:] == []
 
     # A new version whose archive does not match its pinned sha256: fails, the installed one is untouched.
     bad = run_role(ansible, host, firecracker_version=NEXT, firecracker_sha256={ARCH: WRONG_SHA})
-    message = failure(bad)
+    message = bad.failure()
     assert release_server.url(NEXT) in message and "checksum mismatch" in message, message
     assert f"expected sha256 {WRONG_SHA}" in message and release_server.sha256[NEXT] in message, message
     assert "Nothing was installed" in message
@@ -342,7 +331,7 @@ def test_local_archive_checksum_mismatch_on_a_fresh_host_installs_nothing(ansibl
     archive = release_server.archive(GOOD)
     host = lab_host(tmp_path / "host", release_server, firecracker_install_from="file",
                     firecracker_archive_path=str(archive), firecracker_sha256={ARCH: WRONG_SHA, "aarch64": WRONG_SHA})
-    message = failure(run_role(ansible, host))
+    message = run_role(ansible, host).failure()
     assert str(archive) in message and "checksum mismatch" in message, message
     assert f"expected sha256 {WRONG_SHA}" in message and release_server.sha256[GOOD] in message, message
     assert "Nothing was installed" in message
@@ -354,11 +343,11 @@ def test_missing_kernel_module_or_kvm_fails_clearly_before_installing(ansible, r
     host = lab_host(tmp_path / "host", release_server, firecracker_kvm_device=str(tmp_path / "dev-kvm"),
                     firecracker_require_kvm=True)
     # A module no kernel has: modprobe fails (changing nothing) and the role says what to do.
-    message = failure(run_role(ansible, host, firecracker_load_modules=["fc_test_no_such_module"]))
+    message = run_role(ansible, host, firecracker_load_modules=["fc_test_no_such_module"]).failure()
     assert message.startswith("Cannot load the kernel module(s) Firecracker needs: fc_test_no_such_module ("), message
     assert "set firecracker_load_modules" in message, message
 
-    message = failure(run_role(ansible, host))
+    message = run_role(ansible, host).failure()
     assert message.startswith(f"{tmp_path / 'dev-kvm'} is missing: Firecracker needs KVM; "
                               "set firecracker_require_kvm: false for a lab host where a stand-in runs the VMs"), message
     assert not host.root.exists()

@@ -31,10 +31,6 @@ def build_record(result: PlaybookResult) -> dict[str, Any]:
     return records[-1]
 
 
-def changed_tasks(result: PlaybookResult) -> list[str]:
-    return [r["task"] for r in result.records if r["result"].get("changed")]
-
-
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -283,7 +279,7 @@ def test_rerun_unchanged_then_new_version_for_new_packages_old_one_intact(golden
     for check in (True, False):
         again = golden.run(check=check)
         assert again.rc == 0, again.output
-        assert changed_tasks(again) == [], (check, again.output)
+        assert again.changed_tasks() == [], (check, again.output)
         record = build_record(again)["result"]
         assert record["version"] == v1 and record["built"] is False
     assert directory_state(golden.out) == before

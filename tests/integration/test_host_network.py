@@ -323,17 +323,6 @@ def process_gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X")
 
 
-def changed_tasks(result: PlaybookResult) -> list[str]:
-    return [r["task"] for r in result.records if r["result"].get("changed")]
-
-
-def failure(result: PlaybookResult) -> str:
-    assert result.rc != 0, result.output
-    failed = [r for r in result.records if r["status"] == "failed"]
-    assert failed, result.output
-    return str(failed[-1]["result"].get("msg"))
-
-
 @pytest.fixture
 def lab_root() -> Iterator[Path]:
     """A directory dnsmasq can read after dropping its privileges (pytest's tmp_path is under a 0700 directory)."""
@@ -367,7 +356,7 @@ def test_check_mode_predicts_then_apply_is_idempotent(lab):
 
     check = lab.run(check=True)
     assert check.rc == 0, check.output
-    predicted = changed_tasks(check)
+    predicted = check.changed_tasks()
     for task in ("Create the bridge with the gateway address", "Set the sysctls now", "Write the firewall rules",
                  "Load the firewall rules when the kernel's tables differ from them",
                  "Write the DHCP server's configuration", "Run the DHCP server as a daemonized process",
@@ -376,8 +365,8 @@ def test_check_mode_predicts_then_apply_is_idempotent(lab):
     assert lab.state() == before, "check mode changed the host"
 
     first = lab.apply()
-    assert set(changed_tasks(first)) >= set(predicted) - {f"{ROLE} : Create the reservations file when missing"}, \
-        (changed_tasks(first), predicted)
+    assert set(first.changed_tasks()) >= set(predicted) - {f"{ROLE} : Create the reservations file when missing"}, \
+        (first.changed_tasks(), predicted)
     facts = first.task("Report")["host_network"]
     assert {k: facts[k] for k in ("bridge", "cidr", "prefix", "netmask", "gateway", "pool_start", "pool_end", "netns",
                                   "uplink", "tap_prefix", "nat", "dns_servers", "nft_table")} == {
@@ -412,10 +401,10 @@ def test_check_mode_predicts_then_apply_is_idempotent(lab):
     applied = lab.state()
     second = lab.run()
     assert second.rc == 0, second.output
-    assert changed_tasks(second) == [], second.output
+    assert second.changed_tasks() == [], second.output
     third = lab.run(check=True)
     assert third.rc == 0, third.output
-    assert changed_tasks(third) == [], third.output
+    assert third.changed_tasks() == [], third.output
     assert lab.state() == applied
 
 
@@ -460,7 +449,7 @@ def test_isolation_guest_to_host_ports_and_dns(lab):
 
     isolated = lab.apply(host_network_guest_isolation=True, host_network_guest_to_host_tcp_ports=[OPEN_PORT],
                          host_network_dns_servers=[UPLINK_IP])
-    assert f"{ROLE} : Run the DHCP server as a daemonized process" in changed_tasks(isolated)  # restarted: new config
+    assert f"{ROLE} : Run the DHCP server as a daemonized process" in isolated.changed_tasks()  # restarted: new config
     assert f"table bridge {TABLE}" in lab.ruleset()
     # With br_netfilter (bridged frames also pass the inet forward hook) and without (only the bridge table).
     assert lab.sysctl("net.bridge.bridge-nf-call-iptables") == "1"
@@ -497,7 +486,7 @@ def test_dhcp_off_stops_and_removes_the_dhcp_server(lab):
     assert sorted(p.name for p in lab.data_dir.iterdir()) == []
     assert "udp dport 67 accept" not in lab.ruleset()
     assert lab.entry("verify", host_network_dhcp=False).rc == 0
-    assert changed_tasks(lab.run(host_network_dhcp=False)) == []
+    assert lab.run(host_network_dhcp=False).changed_tasks() == []
 
     lab.apply()
     assert lab.dnsmasq_pid() not in (None, pid)
@@ -545,9 +534,9 @@ def test_dhcp_reservations_from_another_role_reload_and_release(lab):
     assert lab.dnsmasq_pid() == pid
 
     again = consumer()
-    assert changed_tasks(again) == [], again.output
+    assert again.changed_tasks() == [], again.output
     # The main entry point agrees (same reservations): nothing to do.
-    assert changed_tasks(lab.run()) == []
+    assert lab.run().changed_tasks() == []
 
 
 def test_verify_names_what_is_broken_and_a_rerun_or_the_boot_script_repairs_it(lab):
@@ -565,7 +554,7 @@ def test_verify_names_what_is_broken_and_a_rerun_or_the_boot_script_repairs_it(l
     lab.data_dir.chmod(0o700)  # dnsmasq, once unprivileged, could no longer read its reservations
     wait_for(lambda: lab.dnsmasq_pid() is None, 5, "the killed dnsmasq to be gone")
     broken = lab.entry("verify")
-    message = failure(broken)
+    message = broken.failure()
     assert message.startswith(f"host network of bridge {BRIDGE}: 5 check(s) failed: "), message
     for name in ("ip_forward", "dhcp_server", "nft_table", "masquerade", "dhcp_hosts"):
         assert f"{name}: " in message, (name, message)
@@ -575,10 +564,10 @@ def test_verify_names_what_is_broken_and_a_rerun_or_the_boot_script_repairs_it(l
 
     repaired = lab.run()
     assert repaired.rc == 0, repaired.output
-    assert set(changed_tasks(repaired)) == {f"{ROLE} : Create the configuration and state directories",
-                                            f"{ROLE} : Set the sysctls now",
-                                            f"{ROLE} : Load the firewall rules when the kernel's tables differ from them",
-                                            f"{ROLE} : Run the DHCP server as a daemonized process"}, changed_tasks(repaired)
+    assert set(repaired.changed_tasks()) == {f"{ROLE} : Create the configuration and state directories",
+                                             f"{ROLE} : Set the sysctls now",
+                                             f"{ROLE} : Load the firewall rules when the kernel's tables differ from them",
+                                             f"{ROLE} : Run the DHCP server as a daemonized process"}, repaired.changed_tasks()
     assert lab.entry("verify").rc == 0
 
     # The boot-time script (what microvm-network-<instance>.service runs) restores bridge, sysctls and rules.
@@ -587,20 +576,20 @@ def test_verify_names_what_is_broken_and_a_rerun_or_the_boot_script_repairs_it(l
     in_netns(lab.netns, "ip", "addr", "flush", "dev", BRIDGE)
     in_netns(lab.netns, "sh", str(lab.conf_dir / "apply.sh"))
     assert lab.entry("verify").rc == 0
-    assert changed_tasks(lab.run()) == []
+    assert lab.run().changed_tasks() == []
 
 
 def test_absent_refuses_a_bridge_in_use_then_removes_everything(lab):
     lab.ensure_applied()
     before = lab.state()
     refused = lab.run(host_network_state="absent")
-    message = failure(refused)
+    message = refused.failure()
     assert message.startswith(f"host_network absent: bridge {BRIDGE}: cannot remove: it still has ports "), message
     assert "host_network_absent_force" in message and "Nothing was removed" in message
     assert lab.state() == before
 
     check = lab.run(check=True, host_network_state="absent", host_network_absent_force=True)
-    assert check.rc == 0 and changed_tasks(check), check.output
+    assert check.rc == 0 and check.changed_tasks(), check.output
     assert lab.state() == before
 
     removed = lab.run(host_network_state="absent", host_network_absent_force=True)
@@ -615,7 +604,7 @@ def test_absent_refuses_a_bridge_in_use_then_removes_everything(lab):
         assert name and f"fc-{name}" in netcheck.link_names(lab.netns)
 
     again = lab.run(host_network_state="absent")
-    assert again.rc == 0 and changed_tasks(again) == [], again.output
+    assert again.rc == 0 and again.changed_tasks() == [], again.output
 
 
 # --- separate labs -----------------------------------------------------------------------------------------
@@ -637,7 +626,7 @@ def test_docker_like_host_forward_drop(lab_root):
         lab.configure(g1)
         assert wait_for(lambda: lab.ping(g1.netns, UPLINK_IP), 5, "g1 pinging the uplink through Docker's DROP")
         assert lab.connect(g1.netns, UPLINK_IP, PEER_PORT) == f"OK {LAB_UPLINK_IP}"
-        assert changed_tasks(lab.run()) == []
+        assert lab.run().changed_tasks() == []
         assert lab.entry("verify").rc == 0
 
         # Without our rules the traffic dies in iptables, and verify says so.
@@ -646,9 +635,9 @@ def test_docker_like_host_forward_drop(lab_root):
             in_netns(lab.netns, "iptables", "-w", "-D", *words[1:])
         assert not lab.ping(g1.netns, UPLINK_IP)
         assert "forward_compat: iptables drops forwarded traffic (a DOCKER-USER chain exists)" in \
-            failure(lab.entry("verify"))
-        assert changed_tasks(lab.run()) == [f"{ROLE} : Let the bridge's traffic through an iptables FORWARD drop "
-                                            "(Docker, libvirt)"]
+            lab.entry("verify").failure()
+        assert lab.run().changed_tasks() == [f"{ROLE} : Let the bridge's traffic through an iptables FORWARD drop "
+                                             "(Docker, libvirt)"]
         assert wait_for(lambda: lab.ping(g1.netns, UPLINK_IP), 5, "g1 pinging the uplink again")
 
         lab.run(host_network_state="absent", host_network_absent_force=True)
@@ -687,7 +676,7 @@ def test_bad_input_fails_before_anything_is_created(lab_root, netns):
     empty_links = netcheck.snapshot(netns)
     for label, overrides, expected in cases:
         result = runner.run_role(ROLE, "host_network", extra_vars={**base, **overrides})
-        message = failure(result)
+        message = result.failure()
         assert expected in message, (label, message)
         assert "Nothing was changed" in message or "nothing was changed" in message, (label, message)
         assert netcheck.snapshot(netns) == empty_links, label

@@ -47,12 +47,6 @@ def lab(tmp_path, golden):
         shutil.rmtree(net_dir, ignore_errors=True)
 
 
-def failure(result) -> str:
-    failed = [r for r in result.records if r["status"] == "failed"]
-    assert result.rc != 0 and failed, result.output
-    return str(failed[-1]["result"].get("msg"))
-
-
 def reservations(net_dir: Path) -> list[str]:
     return [line for path in net_dir.rglob("dhcp-hosts") for line in path.read_text().splitlines()
             if line.strip() and not line.startswith("#")]
@@ -86,7 +80,7 @@ def test_bad_vm_lists_fail_before_anything_is_created(lab):
     ]
     for label, overrides, expected in cases:
         result = lab["runner"].run_playbook(LAUNCH, extra_vars={**lab["vars"], **overrides})
-        message = failure(result)
+        message = result.failure()
         assert expected in message, (label, message)
         assert not (lab["state"] / "allocations.json").exists(), label
         assert not (lab["state"] / "vms").exists() or not list((lab["state"] / "vms").iterdir()), label
@@ -98,7 +92,7 @@ def test_bad_vm_lists_fail_before_anything_is_created(lab):
 def test_all_problems_are_named_at_once(lab):
     result = lab["runner"].run_playbook(LAUNCH, extra_vars={**lab["vars"], "microvm_vms": [
         {"name": "a1", "vcpu_count": 0}, {"name": "a1"}, {"name": "b_2"}]})
-    message = failure(result)
+    message = result.failure()
     for fragment in ("VM a1: vcpu_count: 0 is out of range", "VM a1: the name is used twice", "name 'b_2' is not valid"):
         assert fragment in message, message
     assert json.dumps(message).count("VM ") >= 3

@@ -146,10 +146,6 @@ def allocate(lab: Lab, names: list[str], state_dir: Path) -> dict:
     return result.task("alloc")["allocations"]
 
 
-def changed_tasks(result) -> list[str]:
-    return [r["task"] for r in result.records if r["result"].get("changed")]
-
-
 def vmm_pids(state_dir: Path) -> list[int]:
     pids = []
     for pidfile in state_dir.glob("vms/*/firecracker.pid"):
@@ -197,9 +193,9 @@ def test_two_vms_reserved_addresses_nat_isolation_rerun_and_teardown(lab):
     assert len(pids) == 2
     again = lab.runner.run_playbook(QUICKSTART, extra_vars=variables)
     assert again.rc == 0, again.output
-    assert changed_tasks(again) == [], f"re-run changed {changed_tasks(again)}"
+    assert again.changed_tasks() == [], f"re-run changed {again.changed_tasks()}"
     predicted = lab.runner.run_playbook(QUICKSTART, extra_vars=variables, check=True)
-    assert predicted.rc == 0 and changed_tasks(predicted) == [], predicted.output
+    assert predicted.rc == 0 and predicted.changed_tasks() == [], predicted.output
     assert vmm_pids(state_dir) == pids
 
     isolated = lab.runner.run_playbook(QUICKSTART, extra_vars={**variables, "host_network_guest_isolation": True})
@@ -251,6 +247,6 @@ def test_docker_like_host_still_forwards(tmp_path, golden):
         assert leases == [], "a statically addressed guest never asks DHCP"
         assert "DROP" in in_netns(lab.netns, "iptables", "-S", "FORWARD").stdout, "Docker's policy is left alone"
         again = lab.runner.run_playbook(QUICKSTART, extra_vars=variables)
-        assert again.rc == 0 and changed_tasks(again) == [], again.output
+        assert again.rc == 0 and again.changed_tasks() == [], again.output
     finally:
         lab.close()
