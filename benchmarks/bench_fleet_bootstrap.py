@@ -8,7 +8,7 @@ fabric of its own. Then ``ansible-playbook playbooks/site.yml`` runs on the sing
 hosts (one run, default forks 5, default linear strategy), with the inventory variables of the Molecule
 scenarios (extensions/molecule/shared/group_vars/microvm_hosts.yml: the stand-in from a release-shaped
 archive on the controller, host_network with its defaults, each host its own /24 of
-198.18.112.0/20 through microvm_fleet_supernet/microvm_fleet_index). The golden image is built once on
+198.18.112.0/20 through host_network_fleet_supernet/host_network_fleet_index). The golden image is built once on
 the controller before any measurement (the warm cache both runs share) and distributed, so site.yml
 runs with ``microvm_site_golden_image: false`` on both sets; then an unchanged re-run of each. As in the
 scenarios, the host network lives in the namespace ``microvm`` inside each host (host_network_netns; see
@@ -115,7 +115,7 @@ def _inventory(directory: Path, booted: dict, first_index: int) -> Path:
         hosts[host["name"]] = {
             "ansible_host": host["address"], "ansible_user": "root",
             "ansible_ssh_common_args": f"-F {booted['ssh_config']}",
-            "microvm_fleet_supernet": SUPERNET, "microvm_fleet_index": first_index + offset,
+            "host_network_fleet_supernet": SUPERNET, "host_network_fleet_index": first_index + offset,
         }
     (directory / "hosts.yml").write_text(json.dumps({"microvm_hosts": {"hosts": hosts}}, indent=2) + "\n")
     (directory / "group_vars").symlink_to(SHARED / "group_vars")

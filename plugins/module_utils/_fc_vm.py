@@ -91,6 +91,66 @@ def _shell_quote(text: str) -> str:
     return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
+# How long a launch script waits for a TAP's bridge to appear (the host network's boot unit makes it).
+BRIDGE_WAIT_TENTHS = 600
+
+
+@dataclass
+class TapRecipe:
+    """A TAP as it was when the VM was launched: enough to recreate it after a host restart."""
+
+    name: str
+    vnet_hdr: bool
+    multi_queue: bool
+    owner: Optional[int]
+    group: Optional[int]
+    mtu: int
+    bridge: Optional[str]
+    link_group: int
+
+
+def tap_recreate_lines(recipes: list[TapRecipe], netns_file: Optional[str]) -> list[str]:
+    """Shell lines that recreate each missing TAP as recorded; nothing for a TAP that exists.
+
+    TAPs are kernel objects: a host restart removes them while the VM's unit stays enabled. Without this
+    the VMM would fail to open its TAP (or a real Firecracker would make a fresh one on no bridge).
+    """
+    if not recipes:
+        return []
+    ip = "ip" if not netns_file else f"nsenter --net={_shell_quote(netns_file)} -- ip"
+    lines = [
+        "# Recreate a TAP the host lost (a restart removes kernel objects) as it was when the VM was launched.",
+        "wait_for_bridge() {",
+        "\ttenths=0",
+        f"\tuntil {ip} link show dev \"$1\" >/dev/null 2>&1; do",
+        f"\t\tif [ \"$tenths\" -ge {BRIDGE_WAIT_TENTHS} ]; then",
+        f"\t\t\techo \"fc_vm launch: bridge $1 of TAP $2 did not appear within {BRIDGE_WAIT_TENTHS // 10} s\" >&2",
+        "\t\t\texit 1",
+        "\t\tfi",
+        "\t\tsleep 0.1",
+        "\t\ttenths=$((tenths + 1))",
+        "\tdone",
+        "}",
+    ]
+    for recipe in recipes:
+        tap = _shell_quote(recipe.name)
+        flags = " vnet_hdr" if recipe.vnet_hdr else ""
+        flags += " multi_queue" if recipe.multi_queue else ""
+        flags += f" user {recipe.owner}" if recipe.owner is not None else ""
+        flags += f" group {recipe.group}" if recipe.group is not None else ""
+        settings = [f"mtu {recipe.mtu}"] if recipe.mtu else []
+        settings += [f"group {recipe.link_group}"] if recipe.link_group else []
+        settings += [f"master {_shell_quote(recipe.bridge)}"] if recipe.bridge else []
+        lines.append(f"if ! {ip} link show dev {tap} >/dev/null 2>&1; then")
+        if recipe.bridge:
+            lines.append(f"\twait_for_bridge {_shell_quote(recipe.bridge)} {tap}")
+        lines.append(f"\t{ip} tuntap add dev {tap} mode tap{flags}")
+        lines.append(f"\t{ip} link set dev {tap} {' '.join(settings + ['up'])}")
+        lines.append(f"\techo \"fc_vm launch: recreated TAP {recipe.name}\"")
+        lines.append("fi")
+    return lines
+
+
 class ProcessSupervisor:
     """A daemonized VMM in its own session, found again through its pidfile (hosts without systemd)."""
 
@@ -270,9 +330,10 @@ class MicroVM:
     """Operations on one VM; every public step is safe to repeat."""
 
     def __init__(self, spec: VMSpec, supervisor_kind: str, firecracker_bin: str,
-                 netns_file: Optional[str] = None) -> None:
+                 netns_file: Optional[str] = None, tap_recipes: Optional[list[TapRecipe]] = None) -> None:
         self.spec = spec
         self.netns_file = netns_file
+        self.tap_recipes = tap_recipes or []
         self.paths = Paths(spec.state_dir)
         self.supervisor = choose_supervisor(supervisor_kind, spec.name, self.paths)
         self.firecracker_bin = firecracker_bin
@@ -340,11 +401,14 @@ class MicroVM:
         elif os.path.exists(self.paths.metadata):
             os.unlink(self.paths.metadata)
             changed = True
+        console = _shell_quote(self.spec.console_log)
+        taps = tap_recreate_lines(self.tap_recipes, self.netns_file)
         script = (
             "#!/bin/sh\n"
             f"# Written by microvm.firecracker.fc_vm for VM {self.spec.name}; do not edit.\n"
-            f"rm -f {_shell_quote(self.paths.socket)}\n"
-            f"exec {' '.join(_shell_quote(arg) for arg in args)} >>{_shell_quote(self.spec.console_log)} 2>&1\n"
+            + ("{\n" + "".join(f"{line}\n" for line in taps) + f"}} >>{console} 2>&1\n" if taps else "")
+            + f"rm -f {_shell_quote(self.paths.socket)}\n"
+            f"exec {' '.join(_shell_quote(arg) for arg in args)} >>{console} 2>&1\n"
         )
         changed |= _write(self.paths.launch, script, 0o700)
         for path in (self.spec.console_log, self.spec.log_path):

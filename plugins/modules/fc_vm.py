@@ -185,6 +185,18 @@ options:
     description: With the V(systemd) supervisor, enable the unit so the VM starts at boot.
     type: bool
     default: false
+  recreate_taps:
+    description:
+      - Record each TAP of O(network_interfaces) as it is when the VM is started (C(IFF_VNET_HDR),
+        multi-queue, owner, group, MTU, link group and bridge) in the VM's launch script, which recreates a
+        missing one as recorded before it starts the VMM, first waiting up to 60 seconds for the bridge.
+      - A host restart removes TAPs (kernel objects) while the VM's unit stays enabled; with this, a VM with
+        O(autostart) comes back by itself once the bridge exists (the C(host_network) role's boot unit makes
+        it). V(false) leaves TAPs entirely to you; the VMM then fails to start without its TAP.
+      - A TAP that exists is left as it is. The script changes, and so the recipe, only when fc_vm starts the
+        VM; a VM already running keeps the launch script it was started with.
+    type: bool
+    default: true
   state_dir:
     description: The VM's directory (mode 0700). Default C(/var/lib/firecracker/vms/<name>).
     type: path
@@ -312,6 +324,7 @@ ready_seconds:
 """
 
 import os
+from typing import Any, Optional
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -324,16 +337,27 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._netns import 
 _LIMITER = dict(type="dict")
 
 
-def _tap_checker() -> object:
+def _list_links() -> tuple[dict[str, Any], Optional[str]]:
     try:
         with Netlink() as netlink:
-            links = netlink.links()
+            return netlink.links(), None
     except (OSError, NetlinkOperationError) as exc:
-        links = {}
-        error = str(exc)
-    else:
-        error = None
+        return {}, str(exc)
 
+
+def _tap_recipes(spec_interfaces: list[dict[str, Any]], links: dict[str, Any]) -> list[_fc_vm.TapRecipe]:
+    """The VM's TAPs as they are now (build_spec has checked that each exists and is a TAP)."""
+    names_by_index = {link.index: name for name, link in links.items()}
+    recipes = []
+    for iface in spec_interfaces:
+        link = links[iface["tap"]]
+        recipes.append(_fc_vm.TapRecipe(
+            name=link.name, vnet_hdr=link.tun.vnet_hdr, multi_queue=link.tun.multi_queue, owner=link.tun.owner,
+            group=link.tun.group, mtu=link.mtu, bridge=names_by_index.get(link.master), link_group=link.group))
+    return recipes
+
+
+def _tap_checker(links: dict[str, Any], error: Optional[str]) -> object:
     def problem(name: object) -> object:
         if error:
             return f"cannot list network links: {error}"
@@ -386,6 +410,7 @@ def main() -> None:
             firecracker_bin=dict(type="path", default="/usr/local/bin/firecracker"),
             supervisor=dict(type="str", default="auto", choices=["auto", "systemd", "process"]),
             autostart=dict(type="bool", default=False),
+            recreate_taps=dict(type="bool", default=True),
             state_dir=dict(type="path"),
             netns=dict(type="str"),
             wait_for=dict(type="dict"),
@@ -402,16 +427,20 @@ def main() -> None:
     try:
         if params["netns"]:
             enter_netns(params["netns"])
+        tap_recipes: list[_fc_vm.TapRecipe] = []
         if target == "absent":
             spec = removal_spec(params)
         else:
-            spec = build_spec(params, _tap_checker())
+            links, links_error = _list_links()
+            spec = build_spec(params, _tap_checker(links, links_error))
+            if params["recreate_taps"]:
+                tap_recipes = _tap_recipes(params["network_interfaces"], links)
             if target in ("running", "paused", "hibernated") and not module.check_mode:
                 binary = params["firecracker_bin"]
                 if not os.path.isfile(binary) or not os.access(binary, os.X_OK):
                     raise SpecError(f"VM {spec.name}: firecracker_bin: {binary} is not an executable file")
         vm = _fc_vm.MicroVM(spec, params["supervisor"], params["firecracker_bin"],
-                            netns_path(params["netns"]) if params["netns"] else None)
+                            netns_path(params["netns"]) if params["netns"] else None, tap_recipes)
         if params["autostart"] and vm.supervisor.kind != "systemd":
             module.warn(f"VM {spec.name}: autostart needs the systemd supervisor; the process supervisor "
                         "cannot start VMs at boot")

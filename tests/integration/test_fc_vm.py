@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import delete_netns, in_netns, new_netns
+from conftest import delete_netns, in_netns, new_netns, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = str(REPO / "standin" / "fc-standin")
@@ -289,3 +289,66 @@ def test_bad_input_fails_before_anything_starts(lab, ansible):
         assert message in result.task(label)["msg"], f"{label}: {result.task(label)['msg']}"
     assert "u:pw" not in result.output
     assert not Path(base["state_dir"]).exists(), "nothing may be created for invalid input"
+
+
+def tap_details(netns: str, name: str) -> dict | None:
+    """``ip -d -j link show`` of one link in the namespace, or None when it does not exist."""
+    proc = in_netns(netns, "ip", "-d", "-j", "link", "show", "dev", name, check=False)
+    return json.loads(proc.stdout)[0] if proc.returncode == 0 else None
+
+
+def test_launch_script_brings_a_vm_back_after_its_tap_and_bridge_are_gone(lab, ansible, process_reaper):
+    """What a host restart does to a VM: the VMM dies and the kernel loses its TAP and bridge, while the
+    VM's unit stays enabled. Run as systemd would at boot, the launch script fc_vm wrote waits for the
+    bridge (made again here, as the host_network role's boot unit does), recreates the TAP as it was
+    (IFF_VNET_HDR, owner, group, MTU, link group, bridge) and starts the VMM: the guest serves again."""
+    tap = "fc-vmt1"
+    made = ansible.run([{"name": "tap", "microvm.firecracker.tap_vnet_hdr": {
+        "netns": lab["netns"], "name": tap, "bridge": "fcbr-vm", "owner": 4242, "group": 4243, "mtu": 1400,
+        "link_group": 77}}])
+    assert made.rc == 0, made.output
+    disk = make_disk(lab, ansible, "vm-boot", {"fc-http.service": SERVICE})
+    args = vm_args(lab, "vm-boot", disk, network_interfaces=[{"iface_id": "eth0", "tap": tap, "guest_mac": MAC}])
+    state_dir = Path(args["state_dir"])
+    before = tap_details(lab["netns"], tap)
+    try:
+        first = ansible.run([vm(args)])
+        assert first.rc == 0, first.output
+        boot_id = http(lab, "/boot_id")
+        assert boot_id
+
+        # The restart, as far as this VM is concerned.
+        os.kill(first.task("vm")["pid"], signal.SIGKILL)
+        wait_for(lambda: not pid_running(first.task("vm")["pid"]), 10, "the VMM to die")
+        in_netns(lab["netns"], "ip", "link", "del", "dev", tap)
+        in_netns(lab["netns"], "ip", "link", "del", "dev", "fcbr-vm")
+
+        launched = subprocess.Popen([str(state_dir / "launch")], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        process_reaper.append(launched)
+        bridge = ansible.run([{"name": "bridge", "microvm.firecracker.fc_bridge": {
+            "netns": lab["netns"], "name": "fcbr-vm", "addresses": [f"{BRIDGE_IP}/{PREFIX}"]}}])
+        assert bridge.rc == 0, bridge.output
+
+        after = wait_for(lambda: tap_details(lab["netns"], tap), 60, f"the launch script to recreate {tap}")
+        for key in ("mtu", "group", "master"):
+            assert after.get(key) == before.get(key), (key, before, after)
+        want = {k: before["linkinfo"]["info_data"][k] for k in ("type", "vnet_hdr", "multi_queue", "user", "group")}
+        got = {k: after["linkinfo"]["info_data"].get(k) for k in want}
+        assert got == want and want["vnet_hdr"] is True and want["user"] == 4242, (want, got)
+
+        wait_for(lambda: launched.poll() is not None or (http(lab, "/boot_id") or boot_id) != boot_id, 180,
+                 "the guest to boot again and serve")
+        assert launched.poll() is None, f"the launch script exited with {launched.returncode}"
+        console = Path(first.task("vm")["console_log"]).read_text(errors="replace")
+        assert f"fc_vm launch: recreated TAP {tap}" in console
+    finally:
+        for proc in process_reaper:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)
+        gone = ansible.run([vm(args, state="absent"),
+                            {"name": "tap gone", "microvm.firecracker.tap_vnet_hdr": {
+                                "netns": lab["netns"], "name": tap, "state": "absent"}}])
+        assert gone.rc == 0, gone.output
+    assert not state_dir.exists()

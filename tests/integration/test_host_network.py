@@ -669,6 +669,11 @@ def test_bad_input_fails_before_anything_is_created(lab_root, netns):
         ("no such namespace", {"host_network_netns": "fct-no-such-netns"}, "no such network namespace"),
         ("state dir dnsmasq cannot read", {"host_network_state_dir": str(private / "state")},
          f"host_network_state_dir {private / 'state'}: dnsmasq re-reads its reservations there as nobody"),
+        ("fleet supernet without an index", {"host_network_fleet_supernet": "198.18.96.0/20"},
+         'host_network_fleet_index "" is not a whole number'),
+        ("fleet index outside the supernet", {"host_network_fleet_supernet": "198.18.96.0/20",
+                                              "host_network_fleet_index": 16},
+         "index 16 is outside the 16 /24 subnets of 198.18.96.0/20"),
         ("several at once", {"host_network_bridge": "a-bridge-name-too-long", "host_network_dns_servers": ["1.2.3"],
                              "host_network_ingress_allow_tcp": [0]},
          "is not an interface name"),
@@ -686,6 +691,33 @@ def test_bad_input_fails_before_anything_is_created(lab_root, netns):
         assert list(private.iterdir()) == [], label
     # Every problem named at once.
     assert "1.2.3" in message and "port 0 is outside 1..65535" in message, message
+
+
+def test_a_fleet_supernet_gives_every_entry_point_the_hosts_own_subnet(lab_root, netns):
+    """The facts entry point (what launch.yml, teardown.yml and reconcile.yml read through the microvm role)
+    derives the same subnet as a site.yml run would. Only an extra var outranks the derivation: refused."""
+    runner = AnsibleRunner(lab_root)
+    fleet = {"host_network_netns": netns, "host_network_fleet_supernet": "198.18.96.0/20",
+             "host_network_fleet_index": 3, "host_network_install_packages": False}
+    result = runner.run([
+        {"name": "facts", "ansible.builtin.include_role": {"name": ROLE, "tasks_from": "facts"}},
+        {"name": "Report", "ansible.builtin.debug": {"var": "host_network"}},
+    ], extra_vars=fleet)
+    assert result.rc == 0, result.output
+    facts = result.task("Report")["host_network"]
+    assert (facts["cidr"], facts["gateway"], facts["pool_start"], facts["pool_end"]) == (
+        "198.18.99.0/24", "198.18.99.1", "198.18.99.2", "198.18.99.254"), facts
+    smaller = runner.run([
+        {"name": "facts", "ansible.builtin.include_role": {"name": ROLE, "tasks_from": "facts"}},
+        {"name": "Report", "ansible.builtin.debug": {"var": "host_network"}},
+    ], extra_vars={**fleet, "host_network_fleet_prefix": 26})
+    assert smaller.rc == 0, smaller.output
+    assert smaller.task("Report")["host_network"]["cidr"] == "198.18.96.192/26"
+    outranked = runner.run([{"name": "facts", "ansible.builtin.include_role": {"name": ROLE, "tasks_from": "facts"}}],
+                           extra_vars={**fleet, "host_network_cidr": CIDR})
+    message = outranked.failure()
+    assert f"host_network_cidr {CIDR} is set as an extra var (-e), which outranks this host's subnet 198.18.99.0/24" \
+        in message and "Nothing was changed" in message, message
 
 
 def test_host_mode_and_systemd_files_render_and_validate(lab_root):
