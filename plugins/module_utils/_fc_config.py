@@ -5,10 +5,21 @@
 and compared with what a running VMM reports (``GET /vm/config``)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
+
+from ansible_collections.microvm.firecracker.plugins.module_utils._jail import (
+    JAIL_LOG,
+    Jail,
+    JailError,
+    build_jail,
+    check_placements,
+    jail_config,
+    recorded_jail,
+)
 
 # A Debian guest with systemd and a service needs more than this; the replaced system's
 # 256 MiB guests died of OOM at boot.
@@ -16,6 +27,8 @@ MIN_MEM_MIB = 512
 MAX_VCPUS = 32
 UNIX_PATH_MAX = 107
 DEFAULT_VMS_DIR = "/var/lib/firecracker/vms"
+# fc_vm's record in a VM's state dir (its name and, when jailed, where its jail is).
+MARKER = ".fc_vm"
 DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1"
 CPU_TEMPLATES = ("None", "C3", "T2", "T2S", "T2CL", "T2A", "V1N1")
 LOG_LEVELS = ("Error", "Warning", "Info", "Debug", "Trace", "Off")
@@ -40,6 +53,7 @@ class VMSpec:
     state_dir: str
     console_log: str
     log_path: str
+    jail: Optional[Jail] = None
 
     @property
     def api_socket(self) -> str:
@@ -139,11 +153,22 @@ def _name_and_state_dir(params: dict[str, Any]) -> tuple[str, str]:
 
 
 def removal_spec(params: dict[str, Any]) -> VMSpec:
-    """Removing a VM needs only its name and where its files are, not a valid full spec."""
+    """Removing a VM needs only its name and where its files are, not a valid full spec. Where a jailed VM's
+    jail is comes from what fc_vm recorded at launch."""
     name, state_dir = _name_and_state_dir(params)
+    log_path = params.get("log_path") or os.path.join(state_dir, "vmm.log")
+    jail = None
+    try:
+        with open(os.path.join(state_dir, MARKER), encoding="utf-8") as handle:
+            jail_dir = json.load(handle).get("jail_dir")
+    except (OSError, ValueError, AttributeError):
+        jail_dir = None
+    if jail_dir:
+        jail = recorded_jail(jail_dir)
+        log_path = jail.host_path(JAIL_LOG)
     return VMSpec(name=name, config={}, mmds_metadata=None, state_dir=state_dir,
                   console_log=params.get("console_log") or os.path.join(state_dir, "console.log"),
-                  log_path=params.get("log_path") or os.path.join(state_dir, "vmm.log"))
+                  log_path=log_path, jail=jail)
 
 
 def build_spec(params: dict[str, Any], tap_problem: Any) -> VMSpec:
@@ -270,11 +295,29 @@ def build_spec(params: dict[str, Any], tap_problem: Any) -> VMSpec:
             "stats_polling_interval_s": check(_whole_number, "balloon.stats_polling_interval_s",
                                               balloon.get("stats_polling_interval_s", 0), 0),
         }
+    jail = None
+    if params.get("jailer"):
+        for option, where in (("log_path", JAIL_LOG), ("metrics_path", None)):
+            if params.get(option):
+                problems.append(f"{option}: not with jailer: the jailed VMM can only reach files inside its jail"
+                                + (f" (its log is <jail root>{where})" if where else ""))
+        if vsock and vsock.get("uds_path"):
+            problems.append("vsock.uds_path: not with jailer: the vsock socket is <jail root>/vsock.sock")
+        jail = build_jail(params["jailer"], name, params.get("firecracker_bin") or "", problems)
     if problems:
         raise SpecError(f"{label}: " + "; ".join(problems))
+    if jail is not None:
+        config = jail_config(config, jail)
+        try:
+            check_placements(jail, problems)
+        except (OSError, JailError) as exc:
+            problems.append(f"jailer: {exc}")
+        if problems:
+            raise SpecError(f"{label}: " + "; ".join(problems))
+        log_path = jail.host_path(JAIL_LOG)
     return VMSpec(name=name, config=config, mmds_metadata=params.get("mmds_metadata"), state_dir=state_dir,
                   console_log=params.get("console_log") or os.path.join(state_dir, "console.log"),
-                  log_path=log_path)
+                  log_path=log_path, jail=jail)
 
 
 _LIST_KEYS = {"drives": "drive_id", "network-interfaces": "iface_id"}

@@ -15,17 +15,17 @@ import subprocess
 import tarfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from ansible_collections.microvm.firecracker.plugins.module_utils._fc_api import (
     FirecrackerAPI,
     FirecrackerAPIError,
     wait_for_socket,
 )
-from ansible_collections.microvm.firecracker.plugins.module_utils._fc_config import VMSpec, differences
+from ansible_collections.microvm.firecracker.plugins.module_utils import _jail
+from ansible_collections.microvm.firecracker.plugins.module_utils._fc_config import MARKER, VMSpec, differences
 from ansible_collections.microvm.firecracker.plugins.module_utils._procs import argv_of, pid_alive, wait_until
 
-MARKER = ".fc_vm"
 API_START_SECONDS = 10.0
 TERM_SECONDS = 10.0
 KILL_SECONDS = 5.0
@@ -46,10 +46,12 @@ class VMError(Exception):
 
 
 class Paths:
-    """Where one VM's files live, all inside its state dir."""
+    """Where one VM's files live: inside its state dir, and the VMM's own files inside its jail when jailed."""
 
-    def __init__(self, state_dir: str) -> None:
+    def __init__(self, state_dir: str, name: str = "", jail: Optional[_jail.Jail] = None) -> None:
         self.state_dir = state_dir
+        self.name = name
+        self.jail = jail
         self.config = os.path.join(state_dir, "config.json")
         self.socket = os.path.join(state_dir, "api.sock")
         self.pidfile = os.path.join(state_dir, "firecracker.pid")
@@ -62,6 +64,28 @@ class Paths:
         self.snapshot_mem = os.path.join(self.snapshot_dir, "vm.mem")
         # Present while the running VMM was restored from a snapshot rather than booted.
         self.restored = os.path.join(state_dir, "restored-from-snapshot")
+        if jail is not None:
+            self.config = jail.host_path(_jail.JAIL_CONFIG)
+            self.socket = jail.host_path(_jail.JAIL_SOCKET)
+            self.metadata = jail.host_path(_jail.JAIL_METADATA)
+            self.snapshot_dir = jail.host_path(_jail.JAIL_SNAPSHOT_DIR)
+            self.snapshot_state = os.path.join(self.snapshot_dir, "vm.state")
+            self.snapshot_mem = os.path.join(self.snapshot_dir, "vm.mem")
+            # Outside the jail: the VMM may write its snapshot dir, not fc_vm's record of it.
+            self.hibernation = os.path.join(state_dir, "hibernated.json")
+
+    def vmm_path(self, host_path: str) -> str:
+        """A path as the VMM sees it (inside its chroot when jailed)."""
+        return self.jail.jail_path(host_path) if self.jail is not None else host_path
+
+    def is_our_vmm(self, argv: Sequence[str]) -> bool:
+        """Whether a process's argv is this VM's VMM (a recycled pid runs something else), jailed or not:
+        a VM may be switching between the two."""
+        if self.socket in " ".join(argv):
+            return True
+        # Every jailed VMM uses the same socket path inside its own jail; the jailer passes --id.
+        return _jail.JAIL_SOCKET in argv and any(
+            list(argv[index:index + 2]) == ["--id", self.name] for index in range(len(argv) - 1))
 
 
 def supports_network_overrides(version: str) -> bool:
@@ -166,8 +190,7 @@ class ProcessSupervisor:
                 pid = int(handle.read().strip())
         except (OSError, ValueError):
             return None
-        # The pid must still be our VMM: a recycled pid runs something without our socket path.
-        if pid_alive(pid) and self.paths.socket in " ".join(argv_of(pid)):
+        if pid_alive(pid) and self.paths.is_our_vmm(argv_of(pid)):
             return pid
         return None
 
@@ -334,7 +357,8 @@ class MicroVM:
         self.spec = spec
         self.netns_file = netns_file
         self.tap_recipes = tap_recipes or []
-        self.paths = Paths(spec.state_dir)
+        self.jail = spec.jail
+        self.paths = Paths(spec.state_dir, spec.name, spec.jail)
         self.supervisor = choose_supervisor(supervisor_kind, spec.name, self.paths)
         self.firecracker_bin = firecracker_bin
         self.api = FirecrackerAPI(self.paths.socket)
@@ -386,28 +410,46 @@ class MicroVM:
         """State dir, config, metadata, launch script; True when any of them changed."""
         os.makedirs(self.spec.state_dir, mode=0o700, exist_ok=True)
         os.chmod(self.spec.state_dir, 0o700)
-        changed = _write(self.paths.marker, json.dumps({"name": self.spec.name}) + "\n")
+        marker: dict[str, Any] = {"name": self.spec.name}
+        if self.jail is not None:
+            marker["jail_dir"] = self.jail.jail_dir
+            marker["cgroup_dirs"] = self.jail.cgroup_dirs()
+        changed = _write(self.paths.marker, json.dumps(marker, sort_keys=True) + "\n")
+        if self.jail is not None:
+            changed |= _jail.prepare(self.jail)
         changed |= _write(self.paths.config, json.dumps(self.spec.config, indent=2, sort_keys=True) + "\n")
-        args = [self.firecracker_bin, "--api-sock", self.paths.socket, "--id", self.spec.name]
-        if self.netns_file:
-            # The systemd unit starts in the host's namespace; nsenter execs, so the pid stays the VMM's.
-            args = ["nsenter", f"--net={self.netns_file}", "--", *args]
+        vmm = self.paths.vmm_path
+        args = ["--api-sock", vmm(self.paths.socket)]
         if not restore:
-            args += ["--config-file", self.paths.config]
+            args += ["--config-file", vmm(self.paths.config)]
         if self.spec.mmds_metadata is not None:
             changed |= _write(self.paths.metadata, json.dumps(self.spec.mmds_metadata, sort_keys=True) + "\n")
             if not restore:
-                args += ["--metadata", self.paths.metadata]
+                args += ["--metadata", vmm(self.paths.metadata)]
         elif os.path.exists(self.paths.metadata):
             os.unlink(self.paths.metadata)
             changed = True
+        cleanup = [self.paths.socket]
+        if self.jail is not None:
+            for path in (self.paths.config, self.paths.metadata):
+                if os.path.exists(path):
+                    _jail.owned_for_vmm(self.jail, path, 0o640)
+            # The jailer execs the VMM (same pid), joins the namespace itself and appends --id.
+            args = self.jail.argv(self.netns_file, args)
+            # What the jailer makes at each start (device nodes, its copy of the binary) must not exist yet.
+            cleanup += [os.path.join(self.jail.root, made) for made in self.jail.made_by_jailer()]
+        else:
+            args = [self.firecracker_bin, *args, "--id", self.spec.name]
+            if self.netns_file:
+                # The systemd unit starts in the host's namespace; nsenter execs, so the pid stays the VMM's.
+                args = ["nsenter", f"--net={self.netns_file}", "--", *args]
         console = _shell_quote(self.spec.console_log)
         taps = tap_recreate_lines(self.tap_recipes, self.netns_file)
         script = (
             "#!/bin/sh\n"
             f"# Written by microvm.firecracker.fc_vm for VM {self.spec.name}; do not edit.\n"
             + ("{\n" + "".join(f"{line}\n" for line in taps) + f"}} >>{console} 2>&1\n" if taps else "")
-            + f"rm -f {_shell_quote(self.paths.socket)}\n"
+            + f"rm -rf {' '.join(_shell_quote(path) for path in cleanup)}\n"
             f"exec {' '.join(_shell_quote(arg) for arg in args)} >>{console} 2>&1\n"
         )
         changed |= _write(self.paths.launch, script, 0o700)
@@ -529,10 +571,13 @@ class MicroVM:
 
     def hibernate(self, outcome: Outcome) -> None:
         os.makedirs(self.paths.snapshot_dir, mode=0o700, exist_ok=True)
+        if self.jail is not None:
+            os.chown(self.paths.snapshot_dir, self.jail.uid, self.jail.gid)
         if self.api.instance_info().get("state") == "Running":
             self.set_paused(True, outcome)
         try:
-            self.api.snapshot_create(self.paths.snapshot_state, self.paths.snapshot_mem)
+            self.api.snapshot_create(self.paths.vmm_path(self.paths.snapshot_state),
+                                     self.paths.vmm_path(self.paths.snapshot_mem))
         except FirecrackerAPIError as exc:
             raise VMError(f"{self.label}: snapshot/create failed: {exc}") from None
         _write(self.paths.hibernation, json.dumps({"config": self.spec.config}, sort_keys=True) + "\n")
@@ -551,7 +596,8 @@ class MicroVM:
                          for i in self.spec.config["network-interfaces"]]
         # Older VMMs re-open the TAPs recorded in the snapshot: the same names, which exist.
         try:
-            self.api.snapshot_load(self.paths.snapshot_state, self.paths.snapshot_mem, resume, overrides)
+            self.api.snapshot_load(self.paths.vmm_path(self.paths.snapshot_state),
+                                   self.paths.vmm_path(self.paths.snapshot_mem), resume, overrides)
         except FirecrackerAPIError as exc:
             self.stop(Outcome(), 0, graceful=False)
             raise VMError(f"{self.label}: snapshot/load failed: {exc}; console:\n{self.console_tail(offset)}") from None
@@ -559,6 +605,8 @@ class MicroVM:
             # The metadata store is not part of the snapshot contract: give it back explicitly.
             self.api.put("/mmds", self.spec.mmds_metadata)
         shutil.rmtree(self.paths.snapshot_dir, ignore_errors=True)
+        if os.path.exists(self.paths.hibernation):
+            os.unlink(self.paths.hibernation)
         _write(self.paths.restored, "")
         # A later restart by the supervisor boots from the config again.
         self.write_files()
@@ -580,6 +628,16 @@ class MicroVM:
                           "directory fc_vm did not create")
         if archive_to:
             self._archive(archive_to)
+        try:
+            with open(self.paths.marker, encoding="utf-8") as handle:
+                recorded = json.load(handle)
+        except ValueError:
+            recorded = {}
+        try:
+            # Where the VM was jailed is recorded at launch: removal needs no jailer option.
+            _jail.remove_recorded(recorded.get("jail_dir"), list(recorded.get("cgroup_dirs") or []))
+        except _jail.JailError as exc:
+            raise VMError(f"{self.label}: {exc}") from None
         shutil.rmtree(self.spec.state_dir)
         for path in (self.spec.console_log, self.spec.log_path):
             if os.path.exists(path) and not path.startswith(self.spec.state_dir + os.sep):
@@ -659,6 +717,8 @@ def converge(vm: MicroVM, target: str, steps: list[str], wait_for: Optional[dict
             vm.wake(outcome, resume=target == "running", wait_for=wait_for)
         elif step == "discard-snapshot":
             shutil.rmtree(vm.paths.snapshot_dir, ignore_errors=True)
+            if os.path.exists(vm.paths.hibernation):
+                os.unlink(vm.paths.hibernation)
             outcome.changed = True
             outcome.actions.append("snapshot discarded")
         elif step == "update-metadata":

@@ -252,7 +252,18 @@ def _launches(vms: list[dict[str, Any]], allocations: dict[str, Any], network: d
         wait_for = None
         if vm.get("wait_for"):
             wait_for = {"host": allocation["ip"], **vm["wait_for"]}
+        tap: dict[str, Any] = {"name": allocation["tap"]}
+        jailer = None
+        if settings.get("jailer"):
+            # One uid/gid per VM, stable: the host part of its address (unique within the host's network).
+            address = ipaddress.IPv4Interface(f"{allocation['ip']}/{allocation['prefix']}")
+            offset = int(address.ip) - int(address.network.network_address)
+            uid = int(settings["jailer"]["uid_base"]) + offset
+            jailer = {key: settings["jailer"][key] for key in ("jailer_bin", "chroot_base_dir", "cgroups", "parent_cgroup")}
+            jailer.update({"uid": uid, "gid": uid})
+            tap.update({"owner": uid, "group": uid})
         fc_vm = {
+            "jailer": jailer,
             "name": name, "state": vm["state"], "state_dir": vm_dir, "netns": network.get("netns") or None,
             "supervisor": settings["supervisor"], "firecracker_bin": settings["firecracker_bin"],
             "boot_args": vm["boot_args"], "vcpu_count": vm["vcpu_count"], "mem_size_mib": vm["mem_size_mib"],
@@ -263,7 +274,7 @@ def _launches(vms: list[dict[str, Any]], allocations: dict[str, Any], network: d
         launches.append({
             "name": name, "state": vm["state"], "dir": vm_dir, "disk": disk, "ip": allocation["ip"],
             "golden": f"{settings['golden_dir'].rstrip('/')}/golden-{vm['image']}.ext4",
-            "tap": {"name": allocation["tap"]}, "copies": copies, "inject": inject, "fc_vm": fc_vm,
+            "tap": tap, "copies": copies, "inject": inject, "fc_vm": fc_vm,
             "wait_for": wait_for, "secret": vm["environment_secret"] or any(c["secret"] for c in copies),
         })
     return launches

@@ -174,6 +174,50 @@ options:
     description: The VMM binary.
     type: path
     default: /usr/local/bin/firecracker
+  jailer:
+    description:
+      - Run the VMM under Firecracker's jailer (Firecracker's production setup), as the unprivileged O(jailer.uid)
+        and O(jailer.gid), chrooted in C(<chroot_base_dir>/<file name of firecracker_bin, symlinks resolved>/<name>/root),
+        in its own cgroup v2 C(<cgroup2 mount>/<parent_cgroup>/<name>) with the given limits, and in O(netns) when set
+        (the jailer's C(--netns)).
+      - fc_vm hard-links the kernel, initrd and drives into the jail (C(/boot/kernel), C(/boot/initrd),
+        C(/drives/<drive_id>)) and gives writable drives to the VMM's uid, so drives must be on the chroot base's
+        filesystem; the API socket is C(<jail root>/run/firecracker.socket), the VMM log C(<jail root>/vmm.log), the
+        config and metadata files (root, group O(jailer.gid), mode 0640) C(/config.json) and C(/mmds.json).
+      - Every TAP of O(network_interfaces) must be owned by O(jailer.uid) (M(microvm.firecracker.tap_vnet_hdr)
+        C(owner)); O(log_path), O(metrics_path) and C(vsock.uds_path) cannot be set (the VMM sees only its jail).
+      - O(state=absent) removes the jail and the cgroup too, found from what fc_vm recorded at launch.
+    type: dict
+    suboptions:
+      uid:
+        description: The VMM's user id (not 0); one per VM is the production guidance.
+        type: int
+        required: true
+      gid:
+        description: The VMM's group id (not 0).
+        type: int
+        required: true
+      jailer_bin:
+        description: The jailer binary.
+        type: path
+        default: /usr/local/bin/jailer
+      chroot_base_dir:
+        description: The jailer's C(--chroot-base-dir).
+        type: path
+        default: /srv/jailer
+      cgroups:
+        description:
+          - cgroup v2 files and values for the VM's cgroup (the jailer's C(--cgroup file=value)), for example
+            C(cpu.max) V(100000 100000) and C(memory.max) V(1610612736).
+        type: dict
+        default: {}
+      parent_cgroup:
+        description: The cgroup the VM's cgroup is made under (default the binary's file name).
+        type: str
+      resource_limits:
+        description: The jailer's C(--resource-limit); keys C(fsize) and C(no_file).
+        type: dict
+        default: {}
   supervisor:
     description:
       - V(systemd) runs the VMM as C(firecracker@<name>.service); V(process) as a daemonized process with a
@@ -298,6 +342,10 @@ state_dir:
   description: The VM's directory.
   returned: always
   type: str
+jail_root:
+  description: With O(jailer), the jail's root directory on the host (what the VMM sees as C(/)); else null.
+  returned: always
+  type: str
 supervisor:
   description: The supervisor used, V(systemd) or V(process).
   returned: always
@@ -331,6 +379,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.microvm.firecracker.plugins.module_utils import _fc_vm
 from ansible_collections.microvm.firecracker.plugins.module_utils._fc_api import FirecrackerAPIError
 from ansible_collections.microvm.firecracker.plugins.module_utils._fc_config import SpecError, build_spec, removal_spec
+from ansible_collections.microvm.firecracker.plugins.module_utils._jail import JailError
 from ansible_collections.microvm.firecracker.plugins.module_utils._netlink import Netlink, NetlinkOperationError
 from ansible_collections.microvm.firecracker.plugins.module_utils._netns import NetnsError, enter_netns, netns_path
 
@@ -357,7 +406,7 @@ def _tap_recipes(spec_interfaces: list[dict[str, Any]], links: dict[str, Any]) -
     return recipes
 
 
-def _tap_checker(links: dict[str, Any], error: Optional[str]) -> object:
+def _tap_checker(links: dict[str, Any], error: Optional[str], jailed_uid: Optional[int]) -> object:
     def problem(name: object) -> object:
         if error:
             return f"cannot list network links: {error}"
@@ -366,6 +415,10 @@ def _tap_checker(links: dict[str, Any], error: Optional[str]) -> object:
             return f"TAP {name} does not exist (create it with microvm.firecracker.tap_vnet_hdr)"
         if link.tun is None or link.tun.mode != "tap":
             return f"{name} is a {link.kind or 'plain'} link, not a TAP"
+        if jailed_uid is not None and link.tun.owner != jailed_uid:
+            owner = "no owner" if link.tun.owner is None else f"owner uid {link.tun.owner}"
+            return (f"TAP {name} has {owner}, but the jailed VMM runs as uid {jailed_uid}: create the TAP with "
+                    f"owner {jailed_uid} (microvm.firecracker.tap_vnet_hdr)")
         return None
 
     return problem
@@ -411,6 +464,15 @@ def main() -> None:
             supervisor=dict(type="str", default="auto", choices=["auto", "systemd", "process"]),
             autostart=dict(type="bool", default=False),
             recreate_taps=dict(type="bool", default=True),
+            jailer=dict(type="dict", options=dict(
+                uid=dict(type="int", required=True),
+                gid=dict(type="int", required=True),
+                jailer_bin=dict(type="path", default="/usr/local/bin/jailer"),
+                chroot_base_dir=dict(type="path", default="/srv/jailer"),
+                cgroups=dict(type="dict", default={}),
+                parent_cgroup=dict(type="str"),
+                resource_limits=dict(type="dict", default={}),
+            )),
             state_dir=dict(type="path"),
             netns=dict(type="str"),
             wait_for=dict(type="dict"),
@@ -432,13 +494,17 @@ def main() -> None:
             spec = removal_spec(params)
         else:
             links, links_error = _list_links()
-            spec = build_spec(params, _tap_checker(links, links_error))
+            jailed_uid = (params["jailer"] or {}).get("uid")
+            spec = build_spec(params, _tap_checker(links, links_error, jailed_uid))
             if params["recreate_taps"]:
                 tap_recipes = _tap_recipes(params["network_interfaces"], links)
             if target in ("running", "paused", "hibernated") and not module.check_mode:
-                binary = params["firecracker_bin"]
-                if not os.path.isfile(binary) or not os.access(binary, os.X_OK):
-                    raise SpecError(f"VM {spec.name}: firecracker_bin: {binary} is not an executable file")
+                binaries = [("firecracker_bin", params["firecracker_bin"])]
+                if spec.jail is not None:
+                    binaries.append(("jailer.jailer_bin", spec.jail.jailer_bin))
+                for option, binary in binaries:
+                    if not os.path.isfile(binary) or not os.access(binary, os.X_OK):
+                        raise SpecError(f"VM {spec.name}: {option}: {binary} is not an executable file")
         vm = _fc_vm.MicroVM(spec, params["supervisor"], params["firecracker_bin"],
                             netns_path(params["netns"]) if params["netns"] else None, tap_recipes)
         if params["autostart"] and vm.supervisor.kind != "systemd":
@@ -466,7 +532,7 @@ def main() -> None:
                 autostart_changed = vm.supervisor.set_autostart(params["autostart"])
         outcome.differences = drift
         after = observed if module.check_mode else vm.observe()
-    except (SpecError, _fc_vm.VMError, FirecrackerAPIError, NetnsError) as exc:
+    except (SpecError, _fc_vm.VMError, FirecrackerAPIError, NetnsError, JailError) as exc:
         module.fail_json(msg=str(exc))
     except OSError as exc:
         module.fail_json(msg=f"VM {params['name']}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
@@ -480,6 +546,7 @@ def main() -> None:
         firecracker_version=after.version,
         console_log=spec.console_log,
         state_dir=spec.state_dir,
+        jail_root=spec.jail.root if spec.jail is not None else None,
         supervisor=vm.supervisor.kind,
         actions=outcome.actions,
         differences=outcome.differences,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -259,6 +261,17 @@ def test_failed_unit_fails_fast_with_console_lines(lab, ansible):
     fails_fast(lab, ansible, vm_args(lab, "vm-unit", disk), ("Failed to start fc-fail.service", "[FAILED]"))
 
 
+def each_fails_with_its_message(ansible, base: dict, cases: list[tuple[str, dict, str]]):
+    """One play, one fc_vm task per (label, overrides, expected message); each must fail with its message."""
+    tasks = [{"name": label, "ignore_errors": True, "microvm.firecracker.fc_vm": {**base, **args}}
+             for label, args, _message in cases]
+    result = ansible.run(tasks)
+    for label, _args, message in cases:
+        assert result.status(label) == "failed", f"{label}: {result.task(label)}"
+        assert message in result.task(label)["msg"], f"{label}: {result.task(label)['msg']}"
+    return result
+
+
 def test_bad_input_fails_before_anything_starts(lab, ansible):
     disk = str(lab["image"])
     base = vm_args(lab, "vm-bad", disk, wait_for=None)
@@ -281,12 +294,7 @@ def test_bad_input_fails_before_anything_starts(lab, ansible):
         ("credential in boot_args", {"boot_args": "console=ttyS0 http_proxy=http://u:pw@proxy:3128"},
          "boot_args: contains what looks like a credential"),
     ]
-    tasks = [{"name": label, "ignore_errors": True, "microvm.firecracker.fc_vm": {**base, **args}}
-             for label, args, _message in cases]
-    result = ansible.run(tasks)
-    for label, _args, message in cases:
-        assert result.status(label) == "failed", f"{label}: {result.task(label)}"
-        assert message in result.task(label)["msg"], f"{label}: {result.task(label)['msg']}"
+    result = each_fails_with_its_message(ansible, base, cases)
     assert "u:pw" not in result.output
     assert not Path(base["state_dir"]).exists(), "nothing may be created for invalid input"
 
@@ -352,3 +360,128 @@ def test_launch_script_brings_a_vm_back_after_its_tap_and_bridge_are_gone(lab, a
                                 "netns": lab["netns"], "name": tap, "state": "absent"}}])
         assert gone.rc == 0, gone.output
     assert not state_dir.exists()
+
+
+JAILER = str(REPO / "standin" / "jailer-standin")
+JAILED_UID = 4242
+
+
+def cgroup2_mount() -> Path:
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines() if line.split()[2] == "cgroup2"]
+    assert mounts, "no cgroup2 hierarchy in /proc/mounts"
+    return Path(mounts[0])
+
+
+def hugetlb_max_file() -> str:
+    """hugetlb.<size>.max of the smallest huge page size here (the one cgroup v2 controller this host has)."""
+    sizes_kb = sorted(int(d.name.split("-")[1].rstrip("kB")) for d in Path("/sys/kernel/mm/hugepages").iterdir())
+    kb = sizes_kb[0]
+    return f"hugetlb.{kb // 1048576}GB.max" if kb >= 1048576 else f"hugetlb.{kb // 1024}MB.max"
+
+
+def jail_base() -> Path:
+    """A short chroot base: the API socket's path inside the jail must stay under 108 bytes."""
+    base = Path(tempfile.mkdtemp(prefix="fcj", dir="/tmp"))
+    base.chmod(0o755)
+    return base
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def test_jailed_lifecycle(lab, ansible):
+    """The VMM under the jailer (its stand-in): unprivileged, in its jail and cgroup, with the TAP it owns;
+    idempotent; hibernated and restored with snapshot paths inside the jail; removed with jail and cgroup."""
+    tap = "fc-vmj0"
+    made = ansible.run([{"name": "tap", "microvm.firecracker.tap_vnet_hdr": {
+        "netns": lab["netns"], "name": tap, "bridge": "fcbr-vm", "owner": JAILED_UID, "group": JAILED_UID}}])
+    assert made.rc == 0, made.output
+    # The jailer only runs a binary whose file name says firecracker: the stand-in under such a name.
+    firecracker = lab["dir"] / "firecracker-v1.10.1-standin"
+    firecracker.write_bytes(Path(STANDIN).read_bytes())
+    firecracker.chmod(0o755)
+    disk = make_disk(lab, ansible, "vm-jail", {"fc-http.service": SERVICE})
+    base = jail_base()
+    limit = hugetlb_max_file()
+    jailer = {"uid": JAILED_UID, "gid": JAILED_UID, "jailer_bin": JAILER, "chroot_base_dir": str(base),
+              "resource_limits": {"no_file": 4096}, "cgroups": {limit: "0"}}
+    subtree_control = cgroup2_mount() / "cgroup.subtree_control"
+    controllers_before = set(subtree_control.read_text().split())
+    cgroup = cgroup2_mount() / firecracker.name / "vm-jail"
+    args = vm_args(lab, "vm-jail", disk, firecracker_bin=str(firecracker), jailer=jailer,
+                   network_interfaces=[{"iface_id": "eth0", "tap": tap, "guest_mac": MAC}])
+    state_dir = Path(args["state_dir"])
+    jail_dir = base / firecracker.name / "vm-jail"
+    root = jail_dir / "root"
+    try:
+        first = ansible.run([vm(args)])
+        assert first.rc == 0, first.output
+        result = first.task("vm")
+        assert result["jail_root"] == str(root) and result["api_socket"] == str(root / "run" / "firecracker.socket")
+        assert result["config"]["boot-source"]["kernel_image_path"] == "/boot/kernel"
+        assert result["config"]["drives"][0]["path_on_host"] == "/drives/rootfs"
+        assert http(lab, "/index.html") == "fc-vm-test"
+        pid = result["pid"]
+        status = proc_status(pid)
+        assert status["Uid"].split()[:2] == [str(JAILED_UID)] * 2 and status["Gid"].split()[:2] == [str(JAILED_UID)] * 2
+        assert os.readlink(f"/proc/{pid}/cwd") == str(root)
+        assert "Max open files            4096                 4096" in Path(f"/proc/{pid}/limits").read_text()
+        assert os.stat(root / "drives" / "rootfs").st_ino == os.stat(disk).st_ino, "the drive is hard-linked"
+        assert os.stat(disk).st_uid == JAILED_UID
+        assert oct((root / "config.json").stat().st_mode & 0o777) == "0o640"
+        assert os.stat(root / "run" / "firecracker.socket").st_uid == JAILED_UID
+        assert (cgroup / limit).read_text().strip() == "0" and str(pid) in (cgroup / "cgroup.procs").read_text().split()
+
+        for check_mode in (False, True):
+            again = ansible.run([vm(args)], check=check_mode)
+            assert again.rc == 0 and again.task("vm")["changed"] is False, again.output
+        assert again.task("vm")["pid"] == pid
+
+        boot_id = http(lab, "/boot_id")
+        hibernated = ansible.run([vm(args, state="hibernated")])
+        assert hibernated.rc == 0 and hibernated.task("vm")["state"] == "hibernated", hibernated.output
+        assert (root / "snapshot" / "vm.mem").exists() and (root / "snapshot" / "vm.state").exists()
+        assert os.stat(root / "snapshot" / "vm.mem").st_uid == JAILED_UID
+        woken = ansible.run([vm(args)])
+        assert woken.rc == 0 and woken.task("vm")["actions"] == ["restored from snapshot"], woken.output
+        assert http(lab, "/boot_id") == boot_id, "the same guest continues after the restore in the jail"
+        assert proc_status(woken.task("vm")["pid"])["Uid"].split()[0] == str(JAILED_UID)
+    finally:
+        removed = ansible.run([vm({"name": "vm-jail", "state_dir": str(state_dir), "netns": lab["netns"],
+                                   "supervisor": "process"}, state="absent")])
+        shutil.rmtree(base, ignore_errors=True)
+        for controller in set(subtree_control.read_text().split()) - controllers_before:
+            subtree_control.write_text(f"-{controller}\n")  # the jailer enables it at the hierarchy's root
+    assert removed.rc == 0 and removed.task("vm")["changed"] is True, removed.output
+    assert not state_dir.exists() and not jail_dir.exists()
+    assert not cgroup.exists() and not cgroup.parent.exists(), "the VM's cgroup and the jailer's default parent"
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                assert str(root) not in os.readlink(proc / "cwd"), f"a process is left in the jail: {proc.name}"
+            except OSError:
+                pass
+    gone = ansible.run([{"name": "tap gone", "microvm.firecracker.tap_vnet_hdr": {
+        "netns": lab["netns"], "name": tap, "state": "absent"}}])
+    assert gone.rc == 0, gone.output
+
+
+def test_jailed_bad_input_fails_before_anything_starts(lab, ansible):
+    disk = str(lab["image"])
+    base = Path("/tmp") / f"fcj-never-{os.getpid()}"
+    jailer = {"uid": JAILED_UID, "gid": JAILED_UID, "jailer_bin": JAILER, "chroot_base_dir": str(base)}
+    firecracker = lab["dir"] / "firecracker-bad"
+    firecracker.write_bytes(Path(STANDIN).read_bytes())
+    firecracker.chmod(0o755)
+    common = vm_args(lab, "vm-jbad", disk, wait_for=None, firecracker_bin=str(firecracker), jailer=jailer)
+    cases = [
+        ("TAP without the VMM's owner", {}, f"TAP {TAP} has no owner, but the jailed VMM runs as uid {JAILED_UID}"),
+        ("root VMM", {"jailer": {**jailer, "uid": 0}}, "jailer.uid: 0 is not allowed"),
+        ("log outside the jail", {"log_path": "/tmp/vmm.log"}, "log_path: not with jailer"),
+        ("binary the jailer refuses", {"firecracker_bin": STANDIN}, "whose file name contains 'firecracker'"),
+        ("bad cgroup file", {"jailer": {**jailer, "cgroups": {"memory max": "1"}}}, "is not a cgroup v2 file name"),
+    ]
+    each_fails_with_its_message(ansible, common, cases)
+    assert not Path(common["state_dir"]).exists() and not base.exists(), "nothing may be created"

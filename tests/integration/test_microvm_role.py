@@ -113,3 +113,44 @@ def test_check_mode_predicts_a_launch_and_creates_nothing(lab):
     assert netcheck.snapshot(lab["netns"]) == before
     assert reservations(lab["net_dir"]) == []
     assert "not-shown-1f2e" not in result.output and "not-shown-1f2e" not in json.dumps(result.records)
+
+
+def test_jailed_vm_launch_rerun_and_teardown(lab, tmp_path):
+    """microvm_jailer: the VM runs under the jailer (its stand-in) as its own uid, base + the host part of
+    its address, which also owns its TAP; a re-run changes nothing; teardown removes the jail."""
+    firecracker = tmp_path / "firecracker-v1.10.1-standin"  # the jailer runs only a binary named firecracker
+    firecracker.write_bytes((REPO / "standin" / "fc-standin").read_bytes())
+    firecracker.chmod(0o755)
+    base = Path(tempfile.mkdtemp(prefix="fcj", dir="/tmp"))  # short: the API socket path in the jail < 108 bytes
+    base.chmod(0o755)
+    service = ("[Unit]\nAfter=network.target\n[Service]\nExecStartPre=/bin/sh -c 'mkdir -p /run/www && echo jailed > "
+               "/run/www/index.html'\nExecStart=/bin/busybox httpd -f -p 8080 -h /run/www\n[Install]\n"
+               "WantedBy=multi-user.target\n")
+    variables = {**lab["vars"], "microvm_jailer": True, "microvm_jailer_bin": str(REPO / "standin" / "jailer-standin"),
+                 "microvm_jailer_chroot_base_dir": str(base), "microvm_jailer_uid_base": 200000,
+                 "microvm_firecracker_bin": str(firecracker),
+                 "microvm_vms": [{"name": "j1", "systemd_units": [{"name": "web.service", "content": service}],
+                                  "wait_for": {"port": 8080, "http_path": "/index.html", "contains": "jailed",
+                                               "timeout": 180}}]}
+    before = netcheck.snapshot(lab["netns"])
+    try:
+        first = lab["runner"].run_playbook(LAUNCH, extra_vars=variables)
+        assert first.rc == 0, first.output
+        allocation = json.loads((lab["state"] / "allocations.json").read_text())["allocations"]["j1"]
+        uid = 200000 + int(allocation["ip"].rsplit(".", 1)[1])
+        link = json.loads(in_netns(lab["netns"], "ip", "-d", "-j", "link", "show", "dev", allocation["tap"]).stdout)[0]
+        assert link["linkinfo"]["info_data"]["user"] == uid and link["linkinfo"]["info_data"]["group"] == uid
+        pid = int((lab["state"] / "vms" / "j1" / "firecracker.pid").read_text())
+        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+        assert status["Uid"].split()[0] == str(uid), status["Uid"]
+        assert Path(f"/proc/{pid}/cwd").resolve() == base / firecracker.name / "j1" / "root"
+
+        again = lab["runner"].run_playbook(LAUNCH, extra_vars=variables)
+        assert again.rc == 0 and again.changed_tasks() == [], again.changed_tasks()
+    finally:
+        gone = lab["runner"].run_playbook(REPO / "playbooks" / "teardown.yml", extra_vars=variables)
+        shutil.rmtree(base, ignore_errors=True)
+    assert gone.rc == 0, gone.output
+    assert not (base / firecracker.name / "j1").exists()
+    assert not (lab["state"] / "vms" / "j1").exists()
+    assert netcheck.snapshot(lab["netns"]) == before and reservations(lab["net_dir"]) == []

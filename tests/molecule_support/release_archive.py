@@ -1,12 +1,14 @@
-"""A Firecracker-release-shaped archive that carries the collection's stand-in (standin/fc-standin).
+"""A Firecracker-release-shaped archive that carries the collection's stand-ins (standin/).
 
-    release_archive.py --standin standin/fc-standin --version 1.10.1 --arch x86_64 --out DIR
+    release_archive.py --standin standin/fc-standin [--jailer standin/jailer-standin] \
+        --version 1.10.1 --arch x86_64 --out DIR
 
 writes DIR/firecracker-v<version>-<arch>.tgz with the layout of an official release
 (release-v<version>-<arch>/firecracker-v<version>-<arch>, .../jailer-v<version>-<arch>, SHA256SUMS), so
 that the firecracker role installs it with ``firecracker_install_from: file`` exactly as it installs a
-real release. ``firecracker`` is the stand-in (it prints "Firecracker v1.10.1 compatible stand-in ...");
-``jailer`` is a stub that only answers ``--version``: the stand-in has no jailer.
+real release. ``firecracker`` is the VMM stand-in (it prints "Firecracker v1.10.1 compatible stand-in
+..."); ``jailer`` is the jailer stand-in (it prints "Jailer v1.10.1 compatible stand-in ..."; --jailer
+defaults to jailer-standin beside --standin). Neither is Firecracker software.
 
 The archive is byte-for-byte reproducible (fixed owners, modes and mtimes, gzip without a timestamp), so
 its sha256 only changes when the stand-in does, and rewriting an identical archive is reported as
@@ -27,22 +29,13 @@ from pathlib import Path
 MTIME = 1700000000
 
 
-def jailer_stub(version: str) -> bytes:
-    return (
-        "#!/bin/sh\n"
-        "# Test stub in a release-shaped archive built for the microvm.firecracker Molecule scenarios.\n"
-        "# NOT Firecracker's jailer: the Firecracker stand-in (fc-standin) has no jailer.\n"
-        f'if [ "$1" = "--version" ]; then echo "Jailer v{version} (test stub, not Firecracker\'s jailer)"; echo; exit 0; fi\n'
-        'echo "jailer test stub: only --version is implemented" >&2\nexit 1\n'
-    ).encode()
-
-
-def build(standin: Path, version: str, arch: str) -> bytes:
+def build(standin: Path, jailer: Path, version: str, arch: str) -> bytes:
     prefix = f"release-v{version}-{arch}"
     files = {
         f"firecracker-v{version}-{arch}": (standin.read_bytes(), 0o755),
-        f"jailer-v{version}-{arch}": (jailer_stub(version), 0o755),
-        "README": (b"Firecracker API stand-in (fc-standin) for tests and labs without KVM. NOT Firecracker.\n", 0o644),
+        f"jailer-v{version}-{arch}": (jailer.read_bytes(), 0o755),
+        "README": (b"Firecracker API stand-in (fc-standin) and jailer stand-in (jailer-standin) for tests and "
+                   b"labs without KVM. NOT Firecracker, NOT Firecracker's jailer.\n", 0o644),
     }
     sums = "".join(f"{hashlib.sha256(data).hexdigest()}  ./{name}\n" for name, (data, _mode) in sorted(files.items()))
     files["SHA256SUMS"] = (sums.encode(), 0o644)
@@ -60,11 +53,13 @@ def build(standin: Path, version: str, arch: str) -> bytes:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--standin", required=True, type=Path)
+    parser.add_argument("--jailer", type=Path, help="default: jailer-standin beside --standin")
     parser.add_argument("--version", default="1.10.1")
     parser.add_argument("--arch", default=os.uname().machine)
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
-    data = build(args.standin, args.version, args.arch)
+    jailer = args.jailer or args.standin.parent / "jailer-standin"
+    data = build(args.standin, jailer, args.version, args.arch)
     path = args.out / f"firecracker-v{args.version}-{args.arch}.tgz"
     changed = not path.exists() or path.read_bytes() != data
     if changed:

@@ -25,6 +25,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 STANDIN = REPO / "standin" / "fc-standin"
+JAILER = REPO / "standin" / "jailer-standin"
 DATA = HERE / "data"
 
 

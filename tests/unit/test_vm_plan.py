@@ -104,6 +104,20 @@ def test_launch_arguments_come_from_one_allocation():
     assert network and "Address=198.18.80.2/24\nGateway=198.18.80.1\nDNS=198.18.80.1\n" in network[0]["content"]
 
 
+def test_jailed_vms_get_their_own_uid_which_owns_their_tap():
+    plan = vm_plan([{"name": "a"}, {"name": "b"}], PROFILES, DEFAULTS)["vms"]
+    jailer = {"jailer_bin": "/usr/local/bin/jailer", "chroot_base_dir": "/srv/jailer", "uid_base": 100000,
+              "cgroups": {"cpu.max": "100000 100000"}, "parent_cgroup": None}
+    launches = vm_launch(plan, {"a": alloc("a", 2), "b": alloc("b", 77)}, NETWORK, {**SETTINGS, "jailer": jailer})
+    for launch, uid in zip(launches, (100002, 100077)):
+        assert launch["tap"] == {"name": launch["fc_vm"]["network_interfaces"][0]["tap"], "owner": uid, "group": uid}
+        assert launch["fc_vm"]["jailer"] == {"jailer_bin": "/usr/local/bin/jailer", "chroot_base_dir": "/srv/jailer",
+                                             "cgroups": {"cpu.max": "100000 100000"}, "parent_cgroup": None,
+                                             "uid": uid, "gid": uid}
+    (unjailed,) = vm_launch(plan[:1], {"a": alloc("a", 2)}, NETWORK, {**SETTINGS, "jailer": None})
+    assert unjailed["fc_vm"]["jailer"] is None and unjailed["tap"] == {"name": "fc-c6125002"}
+
+
 def test_dhcp_vms_get_no_static_network_file():
     plan = vm_plan([{"name": "a"}], PROFILES, DEFAULTS)["vms"]
     inject = vm_injections(plan, {"a": alloc("a", 3)}, NETWORK, SETTINGS)["a"]
