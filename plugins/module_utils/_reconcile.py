@@ -12,6 +12,11 @@ the next step needs: VMM processes, then TAPs, leases, directories, and allocati
 
 Nothing belonging to a live VM is ever an orphan: not its directory, its allocation, its VMM, the TAP
 and MAC of its allocation or of its ``config.json``, nor a TAP that its VMM holds open.
+
+A VM that fc_vm runs under the jailer keeps its directory (marker, launch script, console log) but its
+``config.json`` and API socket are in its jail, ``<chroot base>/<exec name>/<id>/root``, which the marker
+records. Its VMM's ``--api-sock`` is a path inside the jail, so the VMM is mapped to its VM through its jail
+root (``/proc/<pid>/root`` when chrooted, ``/proc/<pid>/cwd`` under the jailer stand-in).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import subprocess
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+from ansible_collections.microvm.firecracker.plugins.module_utils import _jail
 from ansible_collections.microvm.firecracker.plugins.module_utils._allocator import (
     STATE_FILE,
     AllocationError,
@@ -44,6 +50,8 @@ RELEASE_SECONDS = 5.0
 POLL_SECONDS = 0.02
 # Entries of <state_dir>/vms that are never VM directories.
 NOT_VM_DIRS = ("lost+found",)
+# fc_vm's marker in a VM directory (JSON: name, and for a jailed VM jail_dir and cgroup_dirs).
+VM_MARKER = ".fc_vm"
 # Only used to construct the Allocator (for its lock and its reader); a rewrite uses the stored network.
 _PLACEHOLDER_CIDR = "198.18.0.0/15"
 _UNIT = re.compile(r"/(firecracker@[^/]+\.service)(?:/|$)")
@@ -64,12 +72,15 @@ class VMDir:
     taps: tuple[str, ...] = ()
     macs: tuple[str, ...] = ()
     disk_bytes: Optional[int] = None  # what its files occupy on disk (sparse images count what they hold)
+    # A jailed VM's jail directory and cgroups, as its marker records them (removed with the directory).
+    jail_dir: Optional[str] = None
+    cgroup_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class VMMProcess:
     pid: int
-    vm: str  # the directory name under <state_dir>/vms its API socket (or launch script) is in
+    vm: str  # the directory name under <state_dir>/vms its API socket (or launch script, or jail) belongs to
     start_time: int  # /proc/<pid>/stat field 22: tells a recycled pid from this process
     argv: tuple[str, ...]
     vm_id: Optional[str] = None  # its --id
@@ -99,6 +110,9 @@ class Snapshot:
     leases: list[Lease] = field(default_factory=list)
     # Command lines of every process holding a candidate TAP (VMMs or not), for messages.
     holder_cmdlines: dict[int, str] = field(default_factory=dict)
+    # TAP holders that are descendants of a VMM (its helpers, such as the stand-in's QEMU, which dies with it):
+    # holder pid -> (the VMM's pid, the holder's start time). Such a TAP is the VMM's.
+    helpers: dict[int, tuple[int, int]] = field(default_factory=dict)
     vms: Optional[frozenset[str]] = None
 
 
@@ -162,6 +176,9 @@ def classify(snap: Snapshot, kinds: Iterable[str]) -> dict[str, list[Orphan]]:
         protected_macs.update(mac.lower() for mac in snap.vm_dirs[name].macs)
     live_pids = {proc.pid for proc in snap.processes if proc.vm in live}
     orphan_procs = {proc.pid: proc for proc in snap.processes if proc.vm not in live}
+
+    def vmm_pid(pid: int) -> int:
+        return snap.helpers[pid][0] if pid in snap.helpers else pid
     stopping = "processes" in kinds
 
     def vmm_block(vm: str, what: str) -> Optional[str]:
@@ -189,7 +206,7 @@ def classify(snap: Snapshot, kinds: Iterable[str]) -> dict[str, list[Orphan]]:
 
     if "taps" in result:
         for tap in sorted(snap.taps, key=lambda t: t.name):
-            if tap.name in protected_taps or any(pid in live_pids for pid in tap.holders):
+            if tap.name in protected_taps or any(vmm_pid(pid) in live_pids for pid in tap.holders):
                 continue
             if tap.name in stale_taps:
                 why = f"the TAP of VM {stale_taps[tap.name]}, whose allocation is stale (no VM directory)"
@@ -199,17 +216,22 @@ def classify(snap: Snapshot, kinds: Iterable[str]) -> dict[str, list[Orphan]]:
             if tap.bridge:
                 detail += f"; port of bridge {tap.bridge}"
             for pid in tap.holders:
-                owner = orphan_procs.get(pid)
-                detail += f"; held open by pid {pid}" + (f" (the VMM of VM {owner.vm})" if owner else "")
-            strangers = [pid for pid in tap.holders if pid not in orphan_procs]
+                owner = orphan_procs.get(vmm_pid(pid))
+                detail += f"; held open by pid {pid}"
+                if owner and owner.pid != pid:
+                    detail += f" (a child of the VMM, pid {owner.pid}, of VM {owner.vm})"
+                elif owner:
+                    detail += f" (the VMM of VM {owner.vm})"
+            strangers = [pid for pid in tap.holders if vmm_pid(pid) not in orphan_procs]
             blocked = None
             if strangers:
                 blocked = "held open by " + "; ".join(
                     f"pid {pid} ({snap.holder_cmdlines.get(pid, '?')})" for pid in sorted(strangers)
                 ) + ", which is not a VMM of a removed VM; refusing to delete a TAP in use"
             elif tap.holders and not stopping:
-                owners = sorted({orphan_procs[pid].vm for pid in tap.holders})
-                blocked = (f"held open by the VMM (pid {_pids(tap.holders)}) of VM {', '.join(owners)}; "
+                owners = sorted({orphan_procs[vmm_pid(pid)].vm for pid in tap.holders})
+                vmms = {vmm_pid(pid) for pid in tap.holders}
+                blocked = (f"held open by the VMM (pid {_pids(vmms)}) of VM {', '.join(owners)}; "
                            "add 'processes' to kinds to stop it first")
             elif tap.attached and not tap.holders:
                 blocked = ("held open by a process not found in /proc of this host's network namespace "
@@ -238,11 +260,19 @@ def classify(snap: Snapshot, kinds: Iterable[str]) -> dict[str, list[Orphan]]:
                 continue
             vm_dir = snap.vm_dirs[name]
             detail = f"VM directory {vm_dir.path}: VM {name} has no allocation"
+            if vm_dir.jail_dir:
+                detail += f"; its jail {vm_dir.jail_dir} goes with it"
             if vm_dir.disk_bytes is not None:
                 detail += f"; {_human_bytes(vm_dir.disk_bytes)} on disk"
-            result["vm_dirs"].append(Orphan(
-                "vm_dirs", vm_dir.path, detail, blocked=vmm_block(name, f"VM directory {vm_dir.path}"), ref=vm_dir,
-                data={"vm": name, "disk_bytes": vm_dir.disk_bytes}))
+            data: dict[str, Any] = {"vm": name, "disk_bytes": vm_dir.disk_bytes}
+            if vm_dir.jail_dir:
+                data["jail_dir"] = vm_dir.jail_dir
+            blocked = vmm_block(name, f"VM directory {vm_dir.path}")
+            sharing = sorted(other for other, d in snap.vm_dirs.items()
+                             if other != name and vm_dir.jail_dir and d.jail_dir == vm_dir.jail_dir)
+            if sharing and not blocked:
+                blocked = _shared_jail(vm_dir, sharing)
+            result["vm_dirs"].append(Orphan("vm_dirs", vm_dir.path, detail, blocked=blocked, ref=vm_dir, data=data))
 
     if "allocations" in result:
         for name in sorted(stale):
@@ -256,6 +286,11 @@ def classify(snap: Snapshot, kinds: Iterable[str]) -> dict[str, list[Orphan]]:
                 "allocations", name, detail, blocked=vmm_block(name, f"allocation of VM {name}"), ref=entry,
                 data={"ip": entry.get("ip"), "mac": entry.get("mac"), "tap": entry.get("tap")}))
     return result
+
+
+def _shared_jail(vm_dir: VMDir, sharing: Iterable[str]) -> str:
+    return (f"VM directory {vm_dir.path}: its jail {vm_dir.jail_dir} is also recorded by VM directory "
+            f"{', '.join(sharing)}; left alone")
 
 
 def unlisted_vms(snap: Snapshot) -> list[str]:
@@ -293,20 +328,52 @@ def _config_interfaces(path: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return taps, macs
 
 
-def disk_usage(path: str) -> int:
-    """Bytes allocated on disk under ``path`` (like ``du``), never following symlinks."""
+def disk_usage(*paths: str) -> int:
+    """Bytes allocated on disk under ``paths`` (like ``du``), never following symlinks; a file with several
+    hard links among them (a jailed VM's drive linked into its jail) counts once."""
     total = 0
-    for top, dirs, files in os.walk(path):
-        for name in dirs + files:
-            try:
-                total += os.lstat(os.path.join(top, name)).st_blocks * 512
-            except OSError:
-                continue
+    seen: set[tuple[int, int]] = set()
+    for path in paths:
+        for top, dirs, files in os.walk(path):
+            for name in dirs + files:
+                try:
+                    info = os.lstat(os.path.join(top, name))
+                except OSError:
+                    continue
+                if info.st_nlink > 1 and not stat.S_ISDIR(info.st_mode):
+                    if (info.st_dev, info.st_ino) in seen:
+                        continue
+                    seen.add((info.st_dev, info.st_ino))
+                total += info.st_blocks * 512
     return total
 
 
+def read_marker(vm_dir: str) -> dict[str, Any]:
+    """fc_vm's marker in a VM directory: {} when it is missing or not JSON (older fc_vm, not fc_vm's)."""
+    try:
+        with open(os.path.join(vm_dir, VM_MARKER), encoding="utf-8") as handle:
+            marker = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def recorded_jail(marker: dict[str, Any]) -> tuple[Optional[str], tuple[str, ...]]:
+    """(jail directory, cgroup directories) a marker records; (None, ()) for a VM that is not jailed."""
+    jail_dir = marker.get("jail_dir")
+    if not isinstance(jail_dir, str) or not os.path.isabs(jail_dir):
+        return None, ()
+    cgroups = marker.get("cgroup_dirs")
+    if not isinstance(cgroups, list):
+        return os.path.normpath(jail_dir), ()
+    cgroup_dirs = tuple(c for c in cgroups if isinstance(c, str) and os.path.isabs(c))
+    return os.path.normpath(jail_dir), cgroup_dirs
+
+
 def read_vm_dirs(vms_dir: str) -> dict[str, VMDir]:
-    """Real directories (never symlinks) under ``vms_dir``; hidden entries and lost+found are not VMs."""
+    """Real directories (never symlinks) under ``vms_dir``; hidden entries and lost+found are not VMs. A jailed
+    VM's config is read from its jail (``<jail_dir>/root/config.json``) and the jail's files count in its disk
+    usage."""
     try:
         entries = sorted(os.scandir(vms_dir), key=lambda e: e.name)
     except FileNotFoundError:
@@ -317,9 +384,12 @@ def read_vm_dirs(vms_dir: str) -> dict[str, VMDir]:
     for entry in entries:
         if entry.name.startswith(".") or entry.name in NOT_VM_DIRS or not entry.is_dir(follow_symlinks=False):
             continue
-        taps, macs = _config_interfaces(os.path.join(entry.path, "config.json"))
+        jail_dir, cgroup_dirs = recorded_jail(read_marker(entry.path))
+        config_dir = os.path.join(jail_dir, "root") if jail_dir else entry.path
+        taps, macs = _config_interfaces(os.path.join(config_dir, "config.json"))
+        counted = [entry.path] + ([jail_dir] if jail_dir and os.path.isdir(jail_dir) else [])
         result[entry.name] = VMDir(name=entry.name, path=entry.path, taps=taps, macs=macs,
-                                   disk_bytes=disk_usage(entry.path))
+                                   disk_bytes=disk_usage(*counted), jail_dir=jail_dir, cgroup_dirs=cgroup_dirs)
     return result
 
 
@@ -355,6 +425,66 @@ def vmm_of(argv: tuple[str, ...], vms_dirs: Iterable[str]) -> Optional[tuple[str
     return None
 
 
+def _before_separator(argv: tuple[str, ...]) -> tuple[str, ...]:
+    return argv[:argv.index("--")] if "--" in argv else argv
+
+
+def _in_vm_dir(path: str, vms_dirs: set[str], name: str) -> bool:
+    """Whether ``path`` (a /proc fd link, maybe ``... (deleted)``) is a file directly in ``<vms_dir>/<name>``."""
+    if path.endswith(" (deleted)"):
+        path = path[:-len(" (deleted)")]
+    return os.path.isabs(path) and os.path.dirname(os.path.normpath(path)) in {
+        os.path.join(root, name) for root in vms_dirs}
+
+
+def jailed_vmm_of(argv: tuple[str, ...], vms_dirs: Iterable[str], jails: dict[str, str], places: Iterable[str],
+                  outputs: Iterable[str]) -> Optional[tuple[str, Optional[str]]]:
+    """(VM directory name, --id) when ``argv`` is a jailed VMM (or the jailer about to exec it) of a VM under
+    ``vms_dirs``; None otherwise.
+
+    ``jails`` maps the jail directories the VM directories' markers record to their VM names; ``places`` are the
+    process's root and working directory (/proc/<pid>/root, /proc/<pid>/cwd), ``outputs`` its stdout and stderr
+    (/proc/<pid>/fd/1, 2). A VMM (``--api-sock`` and ``--id`` in its argv; the socket a path inside its jail) is a
+    VM's when its root or working directory is ``<jail_dir>/root`` of a recorded jail whose id is its ``--id``.
+    The jailer itself (``--id``, ``--exec-file`` and ``--chroot-base-dir`` before ``--``) is when a recorded jail
+    is ``<chroot base>/<any exec name>/<id>``. A jailed process whose jail no marker records (its VM directory
+    was deleted) is VM ``--id``'s only when its jail is ``.../<exec name>/<id>`` and its stdout or stderr is a
+    file directly in ``<vms_dir>/<id>`` (the console log fc_vm's launch script appends to, even deleted): a
+    jailed VMM of another state directory or of another tool is never taken for one of these VMs."""
+    roots = {os.path.normpath(path) for path in vms_dirs}
+    jail_ids = {os.path.normpath(path): name for path, name in jails.items()}
+    vm_id = _option(argv, "--id")
+    if not vm_id or vm_id in (".", "..") or "/" in vm_id:
+        return None
+    own = any(_in_vm_dir(path, roots, vm_id) for path in outputs)
+    head = _before_separator(argv)
+    base = _option(head, "--chroot-base-dir")
+    if _option(head, "--id") and _option(head, "--exec-file") and base and os.path.isabs(base):
+        # The jailer, before it execs the VMM: where the jail will be.
+        base = os.path.normpath(base)
+        for jail_dir, name in jail_ids.items():
+            if os.path.basename(jail_dir) == vm_id and os.path.dirname(os.path.dirname(jail_dir)) == base:
+                return name, vm_id
+        return (vm_id, vm_id) if own else None
+    sock = _option(argv, "--api-sock")
+    if not sock or (os.path.isabs(sock) and os.path.dirname(os.path.dirname(os.path.normpath(sock))) in roots):
+        return None  # not a VMM, or one vmm_of maps by its socket
+    for place in places:
+        if not os.path.isabs(place) or os.path.basename(place) != "root":
+            continue
+        jail_dir = os.path.dirname(os.path.normpath(place))
+        if os.path.basename(jail_dir) != vm_id:
+            continue
+        if jail_dir in jail_ids:
+            return jail_ids[jail_dir], vm_id
+        exec_name = os.path.basename(os.path.dirname(jail_dir))
+        # The VMM binary the jailer copied into the jail (argv[0] /<name>, or the stand-in's interpreter's
+        # script /proc/self/cwd/<name>): the jail is named after it.
+        if own and exec_name and any(os.path.basename(arg) == exec_name for arg in argv[:2]):
+            return vm_id, vm_id
+    return None
+
+
 def unit_of(cgroup_text: str) -> Optional[str]:
     match = _UNIT.search(cgroup_text)
     return match.group(1) if match else None
@@ -365,6 +495,13 @@ def _read(path: str) -> Optional[str]:
         with open(path, encoding="utf-8") as handle:
             return handle.read()
     except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _readlink(path: str) -> Optional[str]:
+    try:
+        return os.readlink(path)
+    except OSError:
         return None
 
 
@@ -381,9 +518,38 @@ def _pids_in(proc_root: str) -> list[int]:
         raise ReconcileError(f"{proc_root}: cannot list processes: {exc.strerror}") from None
 
 
+def jail_records(vms_dir: str) -> dict[str, set[str]]:
+    """Jail directory -> the VM directories under ``vms_dir`` whose markers record it."""
+    records: dict[str, set[str]] = {}
+    try:
+        entries = list(os.scandir(vms_dir))
+    except OSError:
+        return records
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name in NOT_VM_DIRS or not entry.is_dir(follow_symlinks=False):
+            continue
+        jail_dir = recorded_jail(read_marker(entry.path))[0]
+        if jail_dir:
+            records.setdefault(jail_dir, set()).add(entry.name)
+    return records
+
+
+def recorded_jails(vms_dir: str) -> dict[str, str]:
+    """Jail directory -> VM name, for every VM directory under ``vms_dir`` whose marker records a jail (both the
+    recorded path and, when it differs, the path with symlinks resolved, as /proc shows it)."""
+    jails: dict[str, str] = {}
+    for jail_dir, names in sorted(jail_records(vms_dir).items()):
+        name = min(names)
+        jails[jail_dir] = name
+        jails.setdefault(os.path.realpath(jail_dir), name)
+    return jails
+
+
 def find_vmm_processes(vms_dir: str, proc_root: str = "/proc") -> list[VMMProcess]:
-    """Live VMM processes (any network namespace) whose API socket or launch script is under ``vms_dir``."""
+    """Live VMM processes (any network namespace) whose API socket or launch script is under ``vms_dir``, or
+    that run in the jail of a VM under ``vms_dir`` (see ``jailed_vmm_of``)."""
     roots = {os.path.normpath(os.path.abspath(vms_dir)), os.path.realpath(vms_dir)}
+    jails = recorded_jails(vms_dir)
     own = os.getpid()
     found = []
     for pid in _pids_in(proc_root):
@@ -391,6 +557,11 @@ def find_vmm_processes(vms_dir: str, proc_root: str = "/proc") -> list[VMMProces
             continue
         argv = argv_of(pid, proc_root)
         match = vmm_of(argv, roots) if argv else None
+        if match is None and argv and "--id" in " ".join(argv):
+            places = [_readlink(f"{proc_root}/{pid}/{link}") for link in ("root", "cwd")]
+            outputs = [_readlink(f"{proc_root}/{pid}/fd/{fd}") for fd in (1, 2)]
+            match = jailed_vmm_of(argv, roots, jails, [p for p in places if p and p != "/"],
+                                  [o for o in outputs if o])
         if match is None:
             continue
         started = start_time(pid, proc_root)
@@ -409,9 +580,15 @@ def _netns_id(path: str) -> Optional[tuple[int, int]]:
     return info.st_dev, info.st_ino
 
 
+def _is_tun_path(link: str) -> bool:
+    if link.endswith(" (deleted)"):
+        link = link[:-len(" (deleted)")]
+    return link == "/dev/net/tun" or link.endswith("/dev/net/tun") and os.path.isabs(link)
+
+
 def find_tap_holders(proc_root: str = "/proc") -> tuple[dict[str, list[int]], dict[int, str]]:
-    """TAP name -> pids holding it open through /dev/net/tun (its fdinfo says ``iff: NAME``), for processes in
-    the caller's network namespace; and those processes' command lines."""
+    """TAP name -> pids holding it open through /dev/net/tun, or a jail's (its fdinfo says ``iff: NAME``), for
+    processes in the caller's network namespace; and those processes' command lines."""
     own_netns = _netns_id(f"{proc_root}/self/ns/net")
     holders: dict[str, list[int]] = {}
     cmdlines: dict[int, str] = {}
@@ -423,10 +600,9 @@ def find_tap_holders(proc_root: str = "/proc") -> tuple[dict[str, list[int]], di
             continue
         names = set()
         for fd in fds:
-            try:
-                if os.readlink(f"{fd_dir}/{fd}") != "/dev/net/tun":
-                    continue
-            except OSError:
+            # A jailed VMM opened its jail's node: <jail root>/dev/net/tun (as seen from here, chrooted or not).
+            # Only the tun driver writes an iff: line in fdinfo, which is what names the TAP.
+            if not _is_tun_path(_readlink(f"{fd_dir}/{fd}") or ""):
                 continue
             for line in (_read(f"{proc_root}/{pid}/fdinfo/{fd}") or "").splitlines():
                 if line.startswith("iff:") and line[4:].strip():
@@ -439,6 +615,36 @@ def find_tap_holders(proc_root: str = "/proc") -> tuple[dict[str, list[int]], di
             holders.setdefault(name, []).append(pid)
         cmdlines[pid] = _short(" ".join(argv_of(pid, proc_root)))
     return holders, cmdlines
+
+
+def _ppid(pid: int, proc_root: str) -> Optional[int]:
+    raw = _read(f"{proc_root}/{pid}/stat")
+    fields = raw.rsplit(")", 1)[-1].split() if raw else []
+    try:
+        return int(fields[1]) if len(fields) > 1 else None
+    except ValueError:
+        return None
+
+
+def vmm_helpers(holders: Iterable[int], vmms: set[int], proc_root: str = "/proc",
+                depth: int = 4) -> dict[int, tuple[int, int]]:
+    """TAP holders that descend from one of the ``vmms`` (within ``depth`` generations): holder pid -> (VMM pid,
+    holder start time). The Firecracker stand-in's QEMU holds the TAP that the stand-in opened."""
+    helpers = {}
+    for pid in holders:
+        if pid in vmms:
+            continue
+        parent: Optional[int] = pid
+        for _generation in range(depth):
+            parent = _ppid(parent, proc_root) if parent else None
+            if not parent or parent <= 1:
+                break
+            if parent in vmms:
+                started = start_time(pid, proc_root)
+                if started is not None:
+                    helpers[pid] = (parent, started)
+                break
+    return helpers
 
 
 def tap_candidates(links: dict[str, Link], prefix: str, bridge: Optional[str],
@@ -571,6 +777,8 @@ def take_snapshot(settings: Settings, allocations: dict[str, dict[str, Any]], wa
     snap.processes = find_vmm_processes(settings.vms_dir, settings.proc_root)
     if "taps" in kinds:
         holders, snap.holder_cmdlines = find_tap_holders(settings.proc_root)
+        snap.helpers = vmm_helpers({pid for pids in holders.values() for pid in pids},
+                                   {proc.pid for proc in snap.processes}, settings.proc_root)
         try:
             with Netlink() as netlink:
                 links = netlink.links()
@@ -677,6 +885,11 @@ class Remover:
                 if not self._alive(orphan.ref):
                     self.outcome.done(orphan, note=f"stopped ({signal.Signals(sig).name})")
                     pending.remove(orphan)
+        # Its helpers holding a TAP (the stand-in's QEMU dies with it) go too, before the TAPs are deleted.
+        stopped = {orphan.ref.pid for orphan in todo if not self._alive(orphan.ref)}
+        helpers = [(pid, started) for pid, (vmm, started) in self.snap.helpers.items() if vmm in stopped]
+        wait_until(lambda: not any(start_time(pid, self.settings.proc_root) == started for pid, started in helpers),
+                   KILL_SECONDS, POLL_SECONDS)
         for orphan in pending:
             self.outcome.failures.append(f"VMM pid {orphan.ref.pid} of VM {orphan.ref.vm}: still alive "
                                          f"{KILL_SECONDS:g} s after SIGKILL (uninterruptible sleep?)")
@@ -780,6 +993,18 @@ class Remover:
             if running:
                 self.outcome.skip(orphan, f"VM directory {vm_dir.path}: a VMM (pid {_pids(running)}) of VM "
                                           f"{vm_dir.name} runs from it; left alone")
+                continue
+            sharing = sorted(jail_records(self.settings.vms_dir).get(vm_dir.jail_dir or "", set()) - {vm_dir.name})
+            if sharing:
+                self.outcome.skip(orphan, _shared_jail(vm_dir, sharing))
+                continue
+            try:
+                # The jail first: the marker in the VM directory is the only record of where it is.
+                _jail.remove_recorded(vm_dir.jail_dir, list(vm_dir.cgroup_dirs))
+            except (_jail.JailError, OSError) as exc:
+                reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else str(exc)
+                self.outcome.failures.append(f"VM directory {vm_dir.path}: cannot remove its jail "
+                                             f"{vm_dir.jail_dir}: {reason}; the directory is kept")
                 continue
             try:
                 shutil.rmtree(vm_dir.path)

@@ -19,17 +19,25 @@ description:
   - "The kinds of orphans (O(kinds)):"
   - "V(processes): VMM processes whose API socket (C(--api-sock)) or launch script lies in C(<state_dir>/vms/<name>)
     (as fc_vm starts them, directly or through C(nsenter), in any network namespace) when VM C(<name>) is not
-    live. Removed with C(SIGTERM), then C(SIGKILL), each by PID with a deadline; the PID's start time is checked
+    live. A VMM fc_vm runs under the jailer (its C(--api-sock) is a path inside its jail) is VM C(<name>)'s when
+    its jail root (C(/proc/<pid>/root), or C(/proc/<pid>/cwd) under the jailer stand-in) is the C(<jail_dir>/root)
+    that C(<name>)'s marker records, or, when no marker records its jail (the VM directory was deleted), when its
+    jail is C(.../<exec name>/<name>), its C(--id) is C(<name>) and its console output goes to a file in
+    C(<state_dir>/vms/<name>); the jailer itself, before it execs the VMM, likewise. Removed with C(SIGTERM),
+    then C(SIGKILL), each by PID with a deadline; the PID's start time is checked
     first, so a recycled PID is never signalled."
   - "V(taps): TAP devices named O(tap_prefix)... (only the ports of O(bridge) when given) in O(netns) that are
     neither the TAP of a kept allocation nor of a live VM's C(config.json), and that no live VM's VMM holds open.
     A TAP held open by any other process is reported but never deleted (a TAP held by an orphan VMM is deleted
-    once that VMM is stopped, when V(processes) is in O(kinds))."
+    once that VMM is stopped, when V(processes) is in O(kinds)). A TAP held by a child of a VMM (the Firecracker
+    stand-in's QEMU) counts as held by that VMM."
   - "V(leases): lines of the dnsmasq lease file O(dhcp_leasefile) whose MAC is not that of a kept allocation or a
     live VM. Removed with C(dhcp_release O(dhcp_interface) IP MAC) run in O(netns), which asks the running dnsmasq
     to drop the lease; the module then waits for dnsmasq to rewrite its lease file and fails if it does not."
   - "V(vm_dirs): real directories (never symlinks) under C(<state_dir>/vms) whose VM has no allocation and is not
-    in O(vms). A directory a VMM still runs from is only removed after that VMM is stopped."
+    in O(vms). A directory a VMM still runs from is only removed after that VMM is stopped. A jailed VM's
+    directory goes with the jail directory and cgroups its marker records (only a jail fc_vm made, which carries
+    its C(.fc_vm_jail) marker); its TAPs and MACs are read from the jail's C(config.json)."
   - "V(allocations): allocations whose VM has no directory and, when O(vms) is given, is not in O(vms). Removed
     last, under the allocator's lock, which is held for the whole run when removing."
   - Removal goes in the order processes, TAPs, leases, directories, allocations, so that a re-run finds nothing.
@@ -139,7 +147,7 @@ orphans:
     - The orphans found, keyed by kind (only the kinds in O(kinds)); each has C(name) (TAP name, directory path,
       lease IP, PID, or VM name for allocations), a human C(detail), and kind-specific keys (C(pid), C(vm), C(cmdline),
       C(unit) for processes; C(bridge), C(holders) for TAPs; C(ip), C(mac), C(hostname), C(expiry) for leases;
-      C(vm) for directories; C(ip), C(mac), C(tap) for allocations).
+      C(vm), C(disk_bytes) and, for a jailed VM, C(jail_dir) for directories; C(ip), C(mac), C(tap) for allocations).
   returned: always
   type: dict
   sample:

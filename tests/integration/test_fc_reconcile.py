@@ -7,13 +7,20 @@ every run untouched. The leftovers: a stale allocation ("stale", no directory) w
 allocated, a lease nobody allocated, a directory the replaced system left ("old"), a VM directory without an
 allocation whose VMM still runs ("ghost"), and the VMM of a VM whose directory was deleted under it ("gone"),
 still holding its TAP. Everything runs in the test's namespace and is stopped by PID in teardown.
+
+A jailed VM (fc_vm with the jailer stand-in, booting the golden image) is checked on its own: intact it has no
+orphans; with its allocation and directory deleted behind fc_vm's back, its VMM and TAP are orphans.
 """
 from __future__ import annotations
 
 import http.client
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +28,8 @@ from conftest import assert_each_fails, in_netns, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = str(REPO / "standin" / "fc-standin")
+JAILER = str(REPO / "standin" / "jailer-standin")
+JAILED_UID = 4242
 NET = "198.18.96"
 BRIDGE = "fcbr-rc"
 CIDR = f"{NET}.0/24"
@@ -299,3 +308,111 @@ def test_bad_settings_fail_before_anything_is_touched(lab, ansible):
     ])
     assert world(lab) == before
     assert (bad / "vms" / "x").is_dir()
+
+
+def start_time_of(pid: int) -> int | None:
+    """/proc/<pid>/stat's start time; None once the process is gone (or a zombie)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_jailed_vm_intact_then_orphaned(lab, ansible, golden):
+    """fc_vm runs VM jvm under the jailer (stand-in): its config and API socket are in its jail, its VMM's
+    --api-sock is a jail path. Intact, nothing of it is an orphan (its TAP is not the allocation's: only the
+    jail's config.json and its recognised VMM protect it). Then its allocation and directory are deleted behind
+    fc_vm's back: the jailed VMM (still running) and its TAP are orphans, and are removed."""
+    netns, vms = lab["netns"], lab["state"] / "vms"
+    tap = "fc-jail0"
+    allocated = ansible.run([{"name": "alloc", "microvm.firecracker.fc_allocation": {
+        "cidr": CIDR, "state_dir": str(lab["state"]), "names": ["keep", "stale", "jvm"]}}])
+    assert allocated.rc == 0, allocated.output
+    mac = allocated.task("alloc")["allocations"]["jvm"]["mac"]
+    made = ansible.run([{"name": "tap", "microvm.firecracker.tap_vnet_hdr": {
+        "netns": netns, "name": tap, "bridge": BRIDGE, "owner": JAILED_UID, "group": JAILED_UID}}])
+    assert made.rc == 0, made.output
+    # The jailer only runs a binary whose file name says firecracker: the stand-in under such a name.
+    firecracker = lab["dir"] / "firecracker-v1.10.1-standin"
+    firecracker.write_bytes(Path(STANDIN).read_bytes())
+    firecracker.chmod(0o755)
+    disk = lab["dir"] / "jvm.ext4"
+    subprocess.run(["cp", "--sparse=always", str(golden.link("ext4").resolve()), str(disk)], check=True)
+    # A short chroot base: the API socket's path inside the jail must stay under 108 bytes.
+    base = Path(tempfile.mkdtemp(prefix="fcj", dir="/tmp"))
+    base.chmod(0o755)
+    jail_root = base / firecracker.name / "jvm" / "root"
+    pid = None
+    try:
+        started = ansible.run([{"name": "vm", "microvm.firecracker.fc_vm": {
+            "name": "jvm", "netns": netns, "state_dir": str(vms / "jvm"), "supervisor": "process",
+            "firecracker_bin": str(firecracker), "kernel": str(golden.link("vmlinux").resolve()),
+            "initrd": str(golden.link("initrd").resolve()), "vcpu_count": 1, "mem_size_mib": 512,
+            "drives": [{"drive_id": "rootfs", "path": str(disk), "root": True}],
+            "network_interfaces": [{"iface_id": "eth0", "tap": tap, "guest_mac": mac}],
+            "jailer": {"uid": JAILED_UID, "gid": JAILED_UID, "jailer_bin": JAILER, "chroot_base_dir": str(base)}}}])
+        assert started.rc == 0, started.output
+        pid = started.task("vm")["pid"]
+        born = start_time_of(pid)
+        assert born is not None and os.readlink(f"/proc/{pid}/cwd") == str(jail_root)
+        assert "--api-sock /run/firecracker.socket" in " ".join(Path(f"/proc/{pid}/cmdline").read_text().split("\0"))
+        assert not (vms / "jvm" / "config.json").exists() and (jail_root / "config.json").exists()
+        wait_for(lambda: carrier(netns, tap) == "1", 30, f"{tap} held open by the jailed VMM")
+
+        intact = ansible.run([reconcile(lab)])
+        assert intact.rc == 0, intact.output
+        orphans = intact.task("reconcile")["orphans"]
+        assert [p for p in orphans["processes"] if p["pid"] == pid or p["vm"] == "jvm"] == []
+        assert tap not in [t["name"] for t in orphans["taps"]], orphans["taps"]
+        assert str(vms / "jvm") not in [d["name"] for d in orphans["vm_dirs"]]
+        assert "jvm" not in [a["name"] for a in orphans["allocations"]]
+        assert mac not in [lease["mac"] for lease in orphans["leases"]]
+
+        # A crash or a botched manual clean-up: the allocation and the VM directory go, the VMM stays.
+        released = ansible.run([{"name": "release", "microvm.firecracker.fc_allocation": {
+            "cidr": CIDR, "state_dir": str(lab["state"]), "names": ["jvm"], "state": "absent"}}])
+        assert released.rc == 0, released.output
+        shutil.rmtree(vms / "jvm")
+        assert start_time_of(pid) == born
+
+        report = ansible.run([reconcile(lab, kinds=["processes", "taps"])])
+        assert report.rc == 0, report.output
+        found = report.task("reconcile")["orphans"]
+        [jailed] = [p for p in found["processes"] if p["pid"] == pid]
+        assert jailed["vm"] == "jvm" and jailed["vm_id"] == "jvm", jailed
+        assert f"its VM directory {vms / 'jvm'} does not exist" in jailed["detail"]
+        assert "--api-sock /run/firecracker.socket" in jailed["cmdline"]
+        [held] = [t for t in found["taps"] if t["name"] == tap]
+        # Firecracker holds its TAP itself; the stand-in hands it to its QEMU, a child of the VMM.
+        assert held["holders"] and all(h == pid or parent_of(h) == pid for h in held["holders"]), held
+        assert "of VM jvm)" in held["detail"], held
+        assert start_time_of(pid) == born, "a report stops nothing"
+
+        removed = ansible.run([reconcile(lab, remove=True, kinds=["processes", "taps"])])
+        assert removed.rc == 0, removed.output
+        done = removed.task("reconcile")["removed"]
+        assert {p["pid"]: p.get("note") for p in done["processes"]}[pid] == "stopped (SIGTERM)"
+        assert tap in [t["name"] for t in done["taps"]]
+        assert start_time_of(pid) is None, "the jailed VMM is stopped"
+        assert tap not in links(netns)
+        assert alive(lab["procs"]["keep"]) and carrier(netns, KEEP_TAP) == "1", "the live VM is untouched"
+    finally:
+        if pid is not None and start_time_of(pid) is not None:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: start_time_of(pid) is None, 10, f"the jailed VMM {pid} to die")
+        if (vms / "jvm").exists():
+            gone = ansible.run([{"name": "vm", "microvm.firecracker.fc_vm": {
+                "name": "jvm", "state_dir": str(vms / "jvm"), "netns": netns, "supervisor": "process",
+                "state": "absent"}}])
+            assert gone.rc == 0, gone.output
+        # Nothing records the jail once its VM directory is gone: it is this test's to remove.
+        shutil.rmtree(base, ignore_errors=True)
+        disk.unlink(missing_ok=True)

@@ -205,10 +205,27 @@ def test_two_vms_reserved_addresses_nat_isolation_rerun_and_teardown(lab):
     assert lab.http(ips["e2e-a"]) == SESSION, "the host still reaches isolated guests"
     assert vmm_pids(state_dir) == pids, "changing the firewall does not restart VMs"
 
-    # launch/teardown playbooks read the network and state settings from inventory variables; the
-    # quickstart sets these from its own, so pass them as an inventory would.
+    # A new environment for one VM: only that VM is stopped, its disk injected again, and started.
+    before = {name: int((state_dir / "vms" / name / "firecracker.pid").read_text()) for name in names}
+    rotated = json.loads(json.dumps(variables["microvm_vms"]))
+    rotated[1]["environment"]["SESSION_ID"] = SESSION + "-rotated"
+    rotated[1]["wait_for"]["contains"] = SESSION + "-rotated"
+    # launch.yml, as an operator would run it (the quickstart's own proof expects its one SESSION_ID).
     inventory_like = {"host_network_netns": lab.netns, "microvm_state_dir": str(state_dir),
-                      "microvm_supervisor": "process", "microvm_target": "localhost"}
+                      "microvm_supervisor": "process", "microvm_target": "localhost",
+                      "microvm_golden_image": lab.golden.vars["golden_image_name"],
+                      "microvm_firecracker_bin": str((REPO / "standin" / "fc-standin").resolve())}
+    changed = lab.runner.run_playbook(LAUNCH, extra_vars={**variables, **inventory_like, "microvm_vms": rotated})
+    assert changed.rc == 0, changed.output
+    for task in ("Stop existing VMs whose injected files change (the disk is never written while in use)",
+                 "Inject units, environment, hostname, network and files", "Start the VMs (all at once; readiness is awaited next)"):
+        assert any(name.endswith(task) for name in changed.changed_tasks()), (task, changed.changed_tasks())
+    after = {name: int((state_dir / "vms" / name / "firecracker.pid").read_text()) for name in names}
+    assert after["e2e-a"] == before["e2e-a"] and after["e2e-b"] != before["e2e-b"], (before, after)
+    assert lab.http(ips["e2e-b"]) == SESSION + "-rotated" and lab.http(ips["e2e-a"]) == SESSION
+    pids = vmm_pids(state_dir)
+
+    # The teardown playbook reads the network and state settings from inventory variables too.
     down = lab.runner.run_playbook(TEARDOWN, extra_vars={**variables, **inventory_like, "microvm_teardown_all": True})
     assert down.rc == 0, down.output
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], "no VMM process left"

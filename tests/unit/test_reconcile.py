@@ -418,3 +418,211 @@ def test_orphan_dir_detail_says_what_it_holds():
     assert orphans["vm_dirs"][0].detail.endswith("VM old has no allocation; 3.0 GiB on disk")
     assert orphans["vm_dirs"][0].report() == {"name": f"{VMS}/old", "detail": orphans["vm_dirs"][0].detail,
                                               "vm": "old", "disk_bytes": 3 << 30}
+
+
+# --- jailed VMs -----------------------------------------------------------------------------------
+
+JAILS = "/srv/jailer/firecracker-v1.10.1-x86_64"
+JAILED = ("/firecracker-v1.10.1-x86_64", "--id", "vm1", "--start-time-us", "1", "--parent-cpu-time-us", "2",
+          "--api-sock", "/run/firecracker.socket", "--config-file", "/config.json")
+STANDIN_JAILED = ("python3", "/proc/self/cwd/firecracker-v1.10.1-x86_64", "--id", "vm1", "--start-time-us", "1",
+                  "--api-sock", "/run/firecracker.socket", "--config-file", "/config.json")
+JAILER = ("/usr/local/bin/jailer", "--id", "vm1", "--exec-file", "/usr/local/bin/firecracker-v1.10.1-x86_64",
+          "--uid", "4242", "--gid", "4242", "--chroot-base-dir", "/srv/jailer", "--cgroup-version", "2", "--",
+          "--api-sock", "/run/firecracker.socket", "--config-file", "/config.json")
+RECORDED = {f"{JAILS}/vm1": "vm1"}
+CONSOLE = f"{VMS}/vm1/console.log"
+
+
+@pytest.mark.parametrize("argv, jails, places, outputs, expected", [
+    # A recorded jail: the chrooted VMM (its root) or the stand-in's (its cwd); the jailer before its exec.
+    (JAILED, RECORDED, [f"{JAILS}/vm1/root"], [], ("vm1", "vm1")),
+    (STANDIN_JAILED, RECORDED, [f"{JAILS}/vm1/root"], ["/dev/null"], ("vm1", "vm1")),
+    (JAILED, {f"{JAILS}/vm1": "dirname"}, [f"{JAILS}/vm1/root"], [], ("dirname", "vm1")),
+    (JAILER, RECORDED, [], [], ("vm1", "vm1")),
+    # No marker records the jail (the VM directory was deleted): its console log, even deleted, says whose it is.
+    (JAILED, {}, [f"{JAILS}/vm1/root"], [f"{CONSOLE} (deleted)"], ("vm1", "vm1")),
+    (STANDIN_JAILED, {}, [f"{JAILS}/vm1/root"], ["/dev/null", CONSOLE], ("vm1", "vm1")),
+    (JAILER, {}, [], [f"{CONSOLE} (deleted)"], ("vm1", "vm1")),
+    # Not ours: another state dir's jailed VMM, a jail of another id or exec name, no jail at all.
+    (JAILED, {}, [f"{JAILS}/vm1/root"], ["/srv/other/vms/vm1/console.log"], None),
+    (JAILED, {}, [f"{JAILS}/vm1/root"], [f"{VMS}/vm1/sub/console.log"], None),
+    (JAILED, {}, [f"{JAILS}/vm1/root"], [], None),
+    (JAILED, {}, ["/srv/jailer/other-binary/vm1/root"], [CONSOLE], None),
+    (JAILED, RECORDED, [f"{JAILS}/vm2/root"], [CONSOLE], None),
+    (JAILED, {f"{JAILS}/vm2": "vm2"}, [f"{JAILS}/vm2/root"], [], None),
+    (JAILED, RECORDED, [f"{JAILS}/vm1"], [], None),
+    (JAILED, RECORDED, [], [CONSOLE], None),
+    (JAILER, {"/srv/other/firecracker/vm1": "vm1"}, [], [], None),
+    # A process merely sitting in the jail, or in the VM directory, is not a VMM.
+    (("sleep", "100"), RECORDED, [f"{JAILS}/vm1/root"], [CONSOLE], None),
+    (("bash", "--id", "vm1"), RECORDED, [f"{JAILS}/vm1/root"], [CONSOLE], None),
+    (("tail", "-f", CONSOLE, "--id", "vm1"), {}, [f"{JAILS}/vm1/root"], [CONSOLE], None),
+    (JAILED[:7] + JAILED[9:], RECORDED, [f"{JAILS}/vm1/root"], [], None),
+    (("/firecracker", "--id", "../x", "--api-sock", "/run/firecracker.socket"), {f"{JAILS}/../x": "x"},
+     [f"{JAILS}/../x/root"], [], None),
+    # A VMM whose socket is in a VM directory is vmm_of's; an unjailed VMM elsewhere is nobody's.
+    (("/usr/local/bin/firecracker", "--api-sock", f"{VMS}/vm1/api.sock", "--id", "vm1"), {}, ["/home"], [CONSOLE],
+     None),
+])
+def test_jailed_vmm_of(argv, jails, places, outputs, expected):
+    assert rc.jailed_vmm_of(argv, [VMS], jails, places, outputs) == expected
+
+
+def jail_tree(tmp_path: Path, name: str = "vm1", marker: bool = True) -> tuple[Path, Path]:
+    """fc_vm's jailed layout: the VM directory (marker recording the jail, launch script, console log, its
+    disk) and the jail (fc_vm's jail marker, config.json with jail paths, the disk hard-linked in)."""
+    vm_dir = tmp_path / "state" / "vms" / name
+    jail_dir = tmp_path / "jails" / "firecracker-v1.10.1-x86_64" / name
+    (jail_dir / "root" / "drives").mkdir(parents=True)
+    vm_dir.mkdir(parents=True)
+    (vm_dir / ".fc_vm").write_text(json.dumps({"name": name, "jail_dir": str(jail_dir),
+                                               "cgroup_dirs": [str(tmp_path / "cgroup" / name)]}) + "\n")
+    (vm_dir / "launch").write_text("#!/bin/sh\n")
+    (vm_dir / "console.log").write_bytes(b"c" * 5000)
+    (vm_dir / "rootfs.ext4").write_bytes(b"d" * 100000)
+    os.link(vm_dir / "rootfs.ext4", jail_dir / "root" / "drives" / "rootfs")
+    (jail_dir / "root" / "config.json").write_text(json.dumps({
+        "drives": [{"drive_id": "rootfs", "path_on_host": "/drives/rootfs"}],
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": f"fc-{name}", "guest_mac": "06:00:00:00:00:07"}]}))
+    if marker:
+        (jail_dir / ".fc_vm_jail").write_text(name + "\n")
+    (tmp_path / "cgroup" / name).mkdir(parents=True)
+    return vm_dir, jail_dir
+
+
+def test_read_vm_dirs_reads_a_jailed_vms_config_from_its_jail(tmp_path: Path):
+    vm_dir, jail_dir = jail_tree(tmp_path)
+    (vm_dir / "config.json").write_text(json.dumps({"network-interfaces": [
+        {"host_dev_name": "fc-stale", "guest_mac": "06:00:00:00:00:99"}]}))  # an unjailed past: not what runs
+    (jail_dir / "root" / "vmm.log").write_bytes(b"l" * 20000)
+    dirs = rc.read_vm_dirs(str(vm_dir.parent))
+    assert dirs["vm1"].taps == ("fc-vm1",) and dirs["vm1"].macs == ("06:00:00:00:00:07",)
+    assert dirs["vm1"].jail_dir == str(jail_dir) and dirs["vm1"].cgroup_dirs == (str(tmp_path / "cgroup" / "vm1"),)
+    unjailed = rc.disk_usage(str(vm_dir))
+    jail_only = rc.disk_usage(str(jail_dir))
+    disk = dirs["vm1"].disk_bytes
+    assert disk == rc.disk_usage(str(vm_dir), str(jail_dir)) and unjailed < disk < unjailed + jail_only, \
+        "the jail's own files count, the hard-linked drive once"
+    assert disk - unjailed == jail_only - os.lstat(jail_dir / "root" / "drives" / "rootfs").st_blocks * 512
+
+
+def test_read_vm_dirs_markers_without_a_jail(tmp_path: Path):
+    vms = tmp_path / "vms"
+    for name, marker in (("plain", {"name": "plain"}), ("relative", {"name": "r", "jail_dir": "jails/x"}),
+                         ("text", None), ("list", [1])):
+        (vms / name).mkdir(parents=True)
+        (vms / name / ".fc_vm").write_text(json.dumps(marker) if marker is not None else "old marker\n")
+        (vms / name / "config.json").write_text(json.dumps({"network-interfaces": [{"host_dev_name": f"fc-{name}"}]}))
+    dirs = rc.read_vm_dirs(str(vms))
+    assert {name: (d.taps, d.jail_dir) for name, d in dirs.items()} == {
+        name: ((f"fc-{name}",), None) for name in ("list", "plain", "relative", "text")}
+    assert rc.recorded_jails(str(vms)) == {}
+
+
+def test_find_vmm_processes_maps_jailed_vmms_through_their_jail(tmp_path: Path, proc: Path):
+    vm_dir, jail_dir = jail_tree(tmp_path)
+    vms = str(vm_dir.parent)
+    other_jail = tmp_path / "jails" / "firecracker-v1.10.1-x86_64"
+    stand_in = ["python3", "/proc/self/cwd/firecracker-v1.10.1-x86_64", "--id", "vm1", "--api-sock",
+                "/run/firecracker.socket"]
+
+    def jailed(pid: int, argv: list, cwd: Path, root: str = "/", console=None) -> None:
+        fake_process(proc, pid, argv)
+        (proc / str(pid) / "cwd").symlink_to(cwd)
+        (proc / str(pid) / "root").symlink_to(root)
+        if console:
+            (proc / str(pid) / "fd" / "1").symlink_to(console)
+
+    jailed(200, stand_in, jail_dir / "root")  # the recorded jail, stand-in: no chroot, its cwd
+    jailed(201, ["/firecracker-v1.10.1-x86_64", "--id", "vm1", "--api-sock", "/run/firecracker.socket"],
+           jail_dir / "root", root=str(jail_dir / "root"))  # chrooted
+    # Its VM directory was deleted: its console log (deleted) is still its stdout.
+    jailed(202, [*stand_in[:3], "gone", *stand_in[4:]], other_jail / "gone" / "root",
+           console=f"{vms}/gone/console.log (deleted)")
+    # Another state dir's jailed VMM, and a shell sitting in the jail: not ours.
+    jailed(203, [*stand_in[:3], "x", *stand_in[4:]], other_jail / "x" / "root", console="/srv/other/vms/x/console.log")
+    jailed(204, ["/bin/bash"], jail_dir / "root", console=str(vm_dir / "console.log"))
+    jailed(205, ["/usr/local/bin/jailer", "--id", "vm1", "--exec-file", "/usr/bin/firecracker-v1.10.1-x86_64",
+                 "--chroot-base-dir", str(tmp_path / "jails"), "--", "--api-sock", "/run/firecracker.socket"], tmp_path)
+    found = {p.pid: (p.vm, p.vm_id) for p in rc.find_vmm_processes(vms, str(proc))}
+    assert found == {200: ("vm1", "vm1"), 201: ("vm1", "vm1"), 202: ("gone", "gone"), 205: ("vm1", "vm1")}
+
+
+def test_classify_a_jailed_vms_leftovers():
+    dirs = {"vm1": rc.VMDir(name="vm1", path=f"{VMS}/vm1", taps=("fc-vm1",), macs=("06:00:00:00:00:07",),
+                            jail_dir=f"{JAILS}/vm1", disk_bytes=2048)}
+    jailed = rc.VMMProcess(pid=600, vm="vm1", start_time=1, argv=JAILED, vm_id="vm1")
+    live = rc.Snapshot(vms_dir=VMS, allocations={"vm1": alloc("vm1", 7)}, vm_dirs=dirs, processes=[jailed],
+                       taps=[tap("fc-vm1")], leases=[lease("198.18.80.7", "06:00:00:00:00:07")])
+    assert all(items == [] for items in rc.classify(live, rc.KINDS).values()), "the jail's config protects"
+    orphan = rc.classify(rc.Snapshot(vms_dir=VMS, allocations={}, vm_dirs=dirs, processes=[jailed]), rc.KINDS)
+    assert names(orphan, "processes") == ["600"] and names(orphan, "vm_dirs") == [f"{VMS}/vm1"]
+    assert orphan["vm_dirs"][0].data["jail_dir"] == f"{JAILS}/vm1"
+    assert f"its jail {JAILS}/vm1 goes with it" in orphan["vm_dirs"][0].detail
+
+
+def test_removing_a_jailed_vms_directory_removes_its_jail(tmp_path: Path, proc: Path):
+    vm_dir, jail_dir = jail_tree(tmp_path, "vm1")
+    foreign_dir, foreign_jail = jail_tree(tmp_path, "vm2", marker=False)
+    state = tmp_path / "state"
+    Allocator(str(state), make_pool("198.18.80.0/24")).apply([], "present", check_mode=False)
+    predicted = run(state, proc, check_mode=True, remove=True)
+    assert sorted(i["name"] for i in predicted.removed["vm_dirs"]) == [str(vm_dir), str(foreign_dir)]
+    assert jail_dir.exists()
+    removed = run(state, proc, remove=True)
+    assert [i["name"] for i in removed.removed["vm_dirs"]] == [str(vm_dir)]
+    assert not vm_dir.exists() and not jail_dir.exists() and not (tmp_path / "cgroup" / "vm1").exists()
+    assert jail_dir.parent.is_dir(), "the exec name's directory is shared with other jails"
+    [failure] = removed.failures
+    assert f"cannot remove its jail {foreign_jail}" in failure and "no .fc_vm_jail marker" in failure
+    assert foreign_dir.is_dir() and foreign_jail.is_dir(), "a jail fc_vm did not make is left, and its record"
+
+
+def test_a_jailed_vmm_holds_its_tap_through_its_jails_tun_node(tmp_path: Path, proc: Path):
+    fake_process(proc, 300, list(JAILED))
+    fake_process(proc, 301, ["cat"])
+    links = ((300, f"{JAILS}/vm1/root/dev/net/tun", 7), (300, f"{JAILS}/vm2/root/dev/net/tun (deleted)", 8),
+             (301, f"{tmp_path}/dev/net/tun.txt", 3))
+    for pid, target, fd in links:
+        (proc / str(pid) / "fd" / str(fd)).symlink_to(target)
+        (proc / str(pid) / "fdinfo" / str(fd)).write_text(f"pos:\t0\niff:\tfc-j{fd}\n")
+    holders, cmdlines = rc.find_tap_holders(str(proc))
+    assert holders["fc-j7"] == [300] and holders["fc-j8"] == [300] and "fc-j3" not in holders
+    assert cmdlines[300].startswith("/firecracker-v1.10.1-x86_64 --id vm1")
+
+
+def test_a_jail_two_vm_directories_record_is_never_removed(tmp_path: Path, proc: Path):
+    vm_dir, jail_dir = jail_tree(tmp_path, "vm1")
+    copy = vm_dir.parent / "vm1-copy"
+    copy.mkdir()
+    (copy / ".fc_vm").write_text((vm_dir / ".fc_vm").read_text())
+    state = tmp_path / "state"
+    Allocator(str(state), make_pool("198.18.80.0/24")).apply(["vm1"], "present", check_mode=False)
+    for check_mode in (True, False):
+        outcome = run(state, proc, check_mode=check_mode, remove=True)
+        assert outcome.removed["vm_dirs"] == [] and not outcome.failures
+        [left] = outcome.left_in_place["vm_dirs"]
+        assert left["name"] == str(copy) and f"its jail {jail_dir} is also recorded by VM directory vm1" in left["reason"]
+    assert copy.is_dir() and jail_dir.is_dir()
+
+
+def test_a_tap_held_by_a_vmms_child_is_the_vmms(proc: Path):
+    """The stand-in's QEMU (a child of the VMM) holds the TAP the VMM opened: it counts as the VMM's."""
+    fake_process(proc, 400, ["qemu-system-x86_64", "-netdev", "tap,fd=9"], start=4000, tun_fds={9: "fc-q4"})
+    fields = (proc / "400" / "stat").read_text().split()
+    fields[3] = "100"  # ppid: the live VMM of web1 in the fake /proc
+    (proc / "400" / "stat").write_text(" ".join(fields) + "\n")
+    fake_process(proc, 401, ["qemu-system-x86_64"], start=4001, tun_fds={9: "fc-q5"})  # ppid 0: nobody's
+    assert rc.vmm_helpers([100, 400, 401, 999], {100, 101}, str(proc)) == {400: (100, 4000)}
+
+    live = base_snapshot(taps=[tap("fc-q4", [400])], helpers={400: (501, 4000)})
+    assert names(rc.classify(live, rc.KINDS), "taps") == [], "a live VMM's child protects its TAP"
+    orphaned = base_snapshot(processes=[vmm(501, "web1"), vmm(502, "gone")], taps=[tap("fc-q4", [400])],
+                             helpers={400: (502, 4000)})
+    [found] = rc.classify(orphaned, rc.KINDS)["taps"]
+    assert found.blocked is None and "held open by pid 400 (a child of the VMM, pid 502, of VM gone)" in found.detail
+    [waiting] = rc.classify(orphaned, ["taps"])["taps"]
+    assert "held open by the VMM (pid 502) of VM gone; add 'processes'" in waiting.blocked
+    stranger = base_snapshot(taps=[tap("fc-q4", [400])], holder_cmdlines={400: "qemu"})
+    assert "pid 400 (qemu), which is not a VMM" in rc.classify(stranger, rc.KINDS)["taps"][0].blocked
