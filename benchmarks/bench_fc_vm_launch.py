@@ -24,7 +24,7 @@ really runs on the host (its module_utils come from a zip, compiled on every run
 from __future__ import annotations
 
 import http.client
-import importlib.util
+import importlib
 import json
 import os
 import secrets
@@ -254,11 +254,10 @@ class _Bench:
         # manager's shim (pyenv's costs ~0.1 s per exec here), for the baseline and the module alike.
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         self.env = dict(os.environ, PATH=path, PYTHONPATH=str(self.tree))
-        spec = importlib.util.spec_from_file_location(
-            "_bench_fc_config", REPO / "plugins" / "module_utils" / "_fc_config.py")
-        self.fc_config = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = self.fc_config  # its dataclasses look their module up
-        spec.loader.exec_module(self.fc_config)
+        # The module_utils import each other by their collection names: through the tree, like the module.
+        sys.path.insert(0, str(self.tree))
+        self.fc_config = importlib.import_module(
+            "ansible_collections.microvm.firecracker.plugins.module_utils._fc_config")
         self.serial = 0
         self.settle_timeouts = 0
 
