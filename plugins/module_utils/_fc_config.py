@@ -152,17 +152,34 @@ def _name_and_state_dir(params: dict[str, Any]) -> tuple[str, str]:
     return name, state_dir
 
 
+def read_marker(state_dir: str) -> dict[str, Any]:
+    """fc_vm's marker in a VM's state dir: {} when it is missing or not JSON (older fc_vm, not fc_vm's)."""
+    try:
+        with open(os.path.join(state_dir, MARKER), encoding="utf-8") as handle:
+            marker = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def marker_jail(marker: dict[str, Any]) -> tuple[Optional[str], tuple[str, ...]]:
+    """(jail directory, cgroup directories) a marker records; (None, ()) for a VM that is not jailed."""
+    jail_dir = marker.get("jail_dir")
+    if not isinstance(jail_dir, str) or not os.path.isabs(jail_dir):
+        return None, ()
+    cgroups = marker.get("cgroup_dirs")
+    if not isinstance(cgroups, list):
+        return os.path.normpath(jail_dir), ()
+    return os.path.normpath(jail_dir), tuple(c for c in cgroups if isinstance(c, str) and os.path.isabs(c))
+
+
 def removal_spec(params: dict[str, Any]) -> VMSpec:
     """Removing a VM needs only its name and where its files are, not a valid full spec. Where a jailed VM's
     jail is comes from what fc_vm recorded at launch."""
     name, state_dir = _name_and_state_dir(params)
     log_path = params.get("log_path") or os.path.join(state_dir, "vmm.log")
     jail = None
-    try:
-        with open(os.path.join(state_dir, MARKER), encoding="utf-8") as handle:
-            jail_dir = json.load(handle).get("jail_dir")
-    except (OSError, ValueError, AttributeError):
-        jail_dir = None
+    jail_dir = marker_jail(read_marker(state_dir))[0]
     if jail_dir:
         jail = recorded_jail(jail_dir)
         log_path = jail.host_path(JAIL_LOG)

@@ -23,7 +23,13 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._fc_api import
     wait_for_socket,
 )
 from ansible_collections.microvm.firecracker.plugins.module_utils import _jail
-from ansible_collections.microvm.firecracker.plugins.module_utils._fc_config import MARKER, VMSpec, differences
+from ansible_collections.microvm.firecracker.plugins.module_utils._fc_config import (
+    MARKER,
+    VMSpec,
+    differences,
+    marker_jail,
+    read_marker,
+)
 from ansible_collections.microvm.firecracker.plugins.module_utils._procs import argv_of, pid_alive, wait_until
 
 API_START_SECONDS = 10.0
@@ -628,14 +634,10 @@ class MicroVM:
                           "directory fc_vm did not create")
         if archive_to:
             self._archive(archive_to)
-        try:
-            with open(self.paths.marker, encoding="utf-8") as handle:
-                recorded = json.load(handle)
-        except ValueError:
-            recorded = {}
+        jail_dir, cgroup_dirs = marker_jail(read_marker(self.spec.state_dir))
         try:
             # Where the VM was jailed is recorded at launch: removal needs no jailer option.
-            _jail.remove_recorded(recorded.get("jail_dir"), list(recorded.get("cgroup_dirs") or []))
+            _jail.remove_recorded(jail_dir, list(cgroup_dirs))
         except _jail.JailError as exc:
             raise VMError(f"{self.label}: {exc}") from None
         shutil.rmtree(self.spec.state_dir)

@@ -12,6 +12,7 @@ initrd and drives there before it starts the jailer.
 """
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import re
@@ -183,7 +184,7 @@ def build_jail(options: dict[str, Any], vm_id: str, firecracker_bin: str, proble
 
 def jail_config(config: dict[str, Any], jail: Jail) -> dict[str, Any]:
     """The config with every host path replaced by where the jailed VMM finds it; records the placements."""
-    jailed = json_copy(config)
+    jailed = copy.deepcopy(config)
     boot = jailed["boot-source"]
     jail.placements = [Placement(boot["kernel_image_path"], "/boot/kernel", False)]
     boot["kernel_image_path"] = "/boot/kernel"
@@ -198,14 +199,6 @@ def jail_config(config: dict[str, Any], jail: Jail) -> dict[str, Any]:
     if "vsock" in jailed:
         jailed["vsock"]["uds_path"] = JAIL_VSOCK
     return jailed
-
-
-def json_copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {key: json_copy(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [json_copy(item) for item in value]
-    return value
 
 
 def check_placements(jail: Jail, problems: list[str]) -> None:

@@ -39,6 +39,7 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._allocator imp
     make_pool,
 )
 from ansible_collections.microvm.firecracker.plugins.module_utils._dnsmasq import Lease, parse_leases, still_leased
+from ansible_collections.microvm.firecracker.plugins.module_utils._fc_config import marker_jail, read_marker
 from ansible_collections.microvm.firecracker.plugins.module_utils._netlink import Link, Netlink, NetlinkOperationError
 from ansible_collections.microvm.firecracker.plugins.module_utils._procs import argv_of, start_time, wait_until
 
@@ -50,8 +51,6 @@ RELEASE_SECONDS = 5.0
 POLL_SECONDS = 0.02
 # Entries of <state_dir>/vms that are never VM directories.
 NOT_VM_DIRS = ("lost+found",)
-# fc_vm's marker in a VM directory (JSON: name, and for a jailed VM jail_dir and cgroup_dirs).
-VM_MARKER = ".fc_vm"
 # Only used to construct the Allocator (for its lock and its reader); a rewrite uses the stored network.
 _PLACEHOLDER_CIDR = "198.18.0.0/15"
 _UNIT = re.compile(r"/(firecracker@[^/]+\.service)(?:/|$)")
@@ -348,28 +347,6 @@ def disk_usage(*paths: str) -> int:
     return total
 
 
-def read_marker(vm_dir: str) -> dict[str, Any]:
-    """fc_vm's marker in a VM directory: {} when it is missing or not JSON (older fc_vm, not fc_vm's)."""
-    try:
-        with open(os.path.join(vm_dir, VM_MARKER), encoding="utf-8") as handle:
-            marker = json.load(handle)
-    except (OSError, ValueError):
-        return {}
-    return marker if isinstance(marker, dict) else {}
-
-
-def recorded_jail(marker: dict[str, Any]) -> tuple[Optional[str], tuple[str, ...]]:
-    """(jail directory, cgroup directories) a marker records; (None, ()) for a VM that is not jailed."""
-    jail_dir = marker.get("jail_dir")
-    if not isinstance(jail_dir, str) or not os.path.isabs(jail_dir):
-        return None, ()
-    cgroups = marker.get("cgroup_dirs")
-    if not isinstance(cgroups, list):
-        return os.path.normpath(jail_dir), ()
-    cgroup_dirs = tuple(c for c in cgroups if isinstance(c, str) and os.path.isabs(c))
-    return os.path.normpath(jail_dir), cgroup_dirs
-
-
 def read_vm_dirs(vms_dir: str) -> dict[str, VMDir]:
     """Real directories (never symlinks) under ``vms_dir``; hidden entries and lost+found are not VMs. A jailed
     VM's config is read from its jail (``<jail_dir>/root/config.json``) and the jail's files count in its disk
@@ -384,7 +361,7 @@ def read_vm_dirs(vms_dir: str) -> dict[str, VMDir]:
     for entry in entries:
         if entry.name.startswith(".") or entry.name in NOT_VM_DIRS or not entry.is_dir(follow_symlinks=False):
             continue
-        jail_dir, cgroup_dirs = recorded_jail(read_marker(entry.path))
+        jail_dir, cgroup_dirs = marker_jail(read_marker(entry.path))
         config_dir = os.path.join(jail_dir, "root") if jail_dir else entry.path
         taps, macs = _config_interfaces(os.path.join(config_dir, "config.json"))
         counted = [entry.path] + ([jail_dir] if jail_dir and os.path.isdir(jail_dir) else [])
@@ -528,7 +505,7 @@ def jail_records(vms_dir: str) -> dict[str, set[str]]:
     for entry in entries:
         if entry.name.startswith(".") or entry.name in NOT_VM_DIRS or not entry.is_dir(follow_symlinks=False):
             continue
-        jail_dir = recorded_jail(read_marker(entry.path))[0]
+        jail_dir = marker_jail(read_marker(entry.path))[0]
         if jail_dir:
             records.setdefault(jail_dir, set()).add(entry.name)
     return records

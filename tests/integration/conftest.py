@@ -49,6 +49,12 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/<pid>/status as field -> value (Uid, Gid, ...)."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
 def new_netns() -> str:
     name = f"fct-{secrets.token_hex(4)}"
     sh("ip", "netns", "add", name)

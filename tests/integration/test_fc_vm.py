@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import delete_netns, in_netns, new_netns, wait_for
+from conftest import delete_netns, in_netns, new_netns, proc_status, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = str(REPO / "standin" / "fc-standin")
@@ -384,11 +384,6 @@ def jail_base() -> Path:
     base = Path(tempfile.mkdtemp(prefix="fcj", dir="/tmp"))
     base.chmod(0o755)
     return base
-
-
-def proc_status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
 
 
 def test_jailed_lifecycle(lab, ansible):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import netcheck
-from conftest import AnsibleRunner, delete_netns, in_netns, new_netns
+from conftest import AnsibleRunner, delete_netns, in_netns, new_netns, proc_status
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "playbooks" / "launch.yml"
@@ -141,7 +141,7 @@ def test_jailed_vm_launch_rerun_and_teardown(lab, tmp_path):
         link = json.loads(in_netns(lab["netns"], "ip", "-d", "-j", "link", "show", "dev", allocation["tap"]).stdout)[0]
         assert link["linkinfo"]["info_data"]["user"] == uid and link["linkinfo"]["info_data"]["group"] == uid
         pid = int((lab["state"] / "vms" / "j1" / "firecracker.pid").read_text())
-        status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+        status = proc_status(pid)
         assert status["Uid"].split()[0] == str(uid), status["Uid"]
         assert Path(f"/proc/{pid}/cwd").resolve() == base / firecracker.name / "j1" / "root"
 
