@@ -126,7 +126,9 @@ molecule: venv
 
 # The same modules under the newest ansible-core, which needs Python >= 3.12 (Debian 12 has
 # 3.11; Ubuntu 24.04, pyenv or a python3.12 package provide one). The module tests run there
-# again; the slow image/VM tests stay in `make integration`.
+# again; the slow image/VM tests stay in `make integration`. The ansible package brings
+# ansible.posix, which the host_network role's tasks name (test_host_network.py runs the role):
+# its newest release pins the newest ansible-core it supports.
 NEWEST_VENV ?= .venv-newest
 COMPAT_TESTS := tests/unit tests/integration/test_tap_vnet_hdr.py tests/integration/test_fc_bridge.py \
 	tests/integration/test_rootfs_inject.py tests/integration/test_fc_allocation.py \
@@ -140,7 +142,7 @@ compat: venv
 	if [[ ! -x $(NEWEST_VENV)/bin/python ]]; then "$$py" -m venv $(NEWEST_VENV); fi; \
 	if [[ requirements-dev.txt -nt $(NEWEST_VENV)/.stamp ]]; then \
 		$(NEWEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade \
-			'ansible-core>=2.20' 'pytest>=8,<10' pyyaml && touch $(NEWEST_VENV)/.stamp; \
+			'ansible-core>=2.20' 'ansible>=13' 'pytest>=8,<10' pyyaml && touch $(NEWEST_VENV)/.stamp; \
 	fi; \
 	$(NEWEST_VENV)/bin/ansible --version | sed -n 1p; \
 	$(NEWEST_VENV)/bin/python --version; \

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import conftest
 import netcheck
 import pytest
 import yaml
@@ -375,7 +376,8 @@ def test_check_mode_predicts_then_apply_is_idempotent(lab):
         "tap_prefix": "fc-", "nat": True, "dns_servers": [], "nft_table": TABLE}
     assert facts["dhcp"] == {"enabled": True, "supervisor": "process", "unit": "",
                              "conf": str(lab.conf_dir / "dnsmasq.conf"), "hostsfile": str(lab.data_dir / "dhcp-hosts"),
-                             "leasefile": str(lab.leasefile), "pidfile": str(lab.pidfile)}
+                             "leasefile": str(lab.leasefile), "pidfile": str(lab.pidfile), "release_timeout": 10.0}
+    assert facts["sysctl_file"] == ""  # none in a namespace
 
     # What is on the host now.
     assert netcheck.addresses(lab.netns, BRIDGE) == [f"{GATEWAY}/24"]
@@ -720,15 +722,94 @@ def test_a_fleet_supernet_gives_every_entry_point_the_hosts_own_subnet(lab_root,
         in message and "Nothing was changed" in message, message
 
 
+def test_host_mode_sysctls_in_their_file_and_live(lab_root, netns, monkeypatch):
+    """Host mode (host_network_netns empty) configures the machine Ansible runs on; here ansible-playbook itself
+    runs inside a scratch network namespace (ip netns exec), so that machine is the namespace. The sysctls go to
+    the role's own file (ansible.posix.sysctl, no sysctl -p) and are set live in the namespace only; it has no
+    kernel-global neighbour table (like a host that is a container), so those keys are left out. Check mode
+    predicts, a re-run changes nothing, systemd-sysctl applies the file where the bridge does not exist yet (as
+    at boot), a drifted value is set again, the boot script sets the values again, and absent removes the file."""
+    need_tools()
+    # Never set kernel-global values from a test: outside the initial network namespace the neighbour
+    # thresholds do not exist, and that is what keeps the role from setting them here.
+    assert in_netns(netns, "test", "-e", "/proc/sys/net/ipv4/neigh/default/gc_thresh1", check=False).returncode
+    machine_forward = Path("/proc/sys/net/ipv4/ip_forward").read_text()
+    in_netns(netns, "ip", "link", "add", "up0", "type", "veth", "peer", "name", "up1")  # the uplink, to nowhere
+    in_netns(netns, "ip", "link", "set", "up0", "up")
+    wrapper = lab_root / "bin" / "ansible-playbook"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {netns} {conftest.VENV_BIN / "ansible-playbook"} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(conftest, "VENV_BIN", wrapper.parent)
+    root = lab_root / "host"
+    (root / "sysctl.d").mkdir(parents=True)
+    variables = {"host_network_netns": "", "host_network_cidr": CIDR, "host_network_bridge": BRIDGE,
+                 "host_network_uplink": "up0", "host_network_dhcp": False, "host_network_supervisor": "process",
+                 "host_network_install_packages": False, "host_network_config_dir": str(root / "etc"),
+                 "host_network_state_dir": str(root / "state"), "host_network_sysctl_dir": str(root / "sysctl.d"),
+                 "host_network_systemd_dir": str(root / "systemd")}
+    runner = AnsibleRunner(lab_root)
+    sysctl_file = root / "sysctl.d" / f"60-microvm-{BRIDGE}.conf"
+    task = f"{ROLE} : Write the sysctls to their file and set them now"
+
+    def live(key: str) -> str:
+        return in_netns(netns, "cat", "/proc/sys/" + key.replace(".", "/")).stdout.strip()
+
+    def run(check: bool = False, **overrides: Any) -> PlaybookResult:
+        result = runner.run_role(ROLE, "host_network", check=check, extra_vars={**variables, **overrides})
+        assert result.rc == 0, result.output
+        return result
+
+    assert task in run(check=True).changed_tasks()
+    assert not sysctl_file.exists() and live("net.ipv4.ip_forward") == "0"
+
+    first = run()
+    assert task in first.changed_tasks() and first.task("Report")["host_network"]["sysctl_file"] == str(sysctl_file)
+    assert sysctl_file.read_text().splitlines() == ["net.ipv4.ip_forward=1", f"net.ipv4.conf.{BRIDGE}.rp_filter=2"]
+    assert sysctl_file.stat().st_mode & 0o777 == 0o644
+    assert (live("net.ipv4.ip_forward"), live(f"net.ipv4.conf.{BRIDGE}.rp_filter")) == ("1", "2")
+    assert run().changed_tasks() == [] and run(check=True).changed_tasks() == []
+
+    # At boot systemd-sysctl applies the file before the bridge exists (a fresh namespace stands in for the
+    # host then): it sets forwarding, logs that it cannot write the bridge's key, and does not fail.
+    systemd_sysctl = Path("/lib/systemd/systemd-sysctl")
+    assert systemd_sysctl.exists(), f"{systemd_sysctl} missing: install systemd (Debian package)"
+    boot = new_netns()
+    try:
+        applied = in_netns(boot, str(systemd_sysctl), str(sysctl_file), check=False)
+        assert applied.returncode == 0 and f"net/ipv4/conf/{BRIDGE}/rp_filter" in applied.stderr \
+            and "No such file or directory" in applied.stderr, applied.stderr
+        assert in_netns(boot, "cat", "/proc/sys/net/ipv4/ip_forward").stdout.strip() == "1"
+    finally:
+        delete_netns(boot)
+
+    # A value changed behind the role's back is set again (live only: the file already holds it).
+    in_netns(netns, "sysctl", "-q", "-w", f"net.ipv4.conf.{BRIDGE}.rp_filter=1")
+    before = sysctl_file.stat().st_mtime_ns
+    assert run().changed_tasks() == [task]
+    assert live(f"net.ipv4.conf.{BRIDGE}.rp_filter") == "2" and sysctl_file.stat().st_mtime_ns == before
+
+    # What the boot unit runs once it has created the bridge sets them too (systemd-sysctl skips the bridge's
+    # key at boot: the bridge does not exist yet then).
+    in_netns(netns, "sysctl", "-q", "-w", "net.ipv4.ip_forward=0", f"net.ipv4.conf.{BRIDGE}.rp_filter=0")
+    in_netns(netns, "sh", str(root / "etc" / BRIDGE / "apply.sh"))
+    assert (live("net.ipv4.ip_forward"), live(f"net.ipv4.conf.{BRIDGE}.rp_filter")) == ("1", "2")
+
+    run(host_network_state="absent")
+    assert list((root / "sysctl.d").iterdir()) == [] and not (root / "etc" / BRIDGE).exists()
+    assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == machine_forward
+
+
 def test_host_mode_and_systemd_files_render_and_validate(lab_root):
     """What the lab cannot run (host mode, systemd units) is rendered from the role's own templates and
-    checked by the tools that will read it: sysctl file, nftables file (loaded in a scratch namespace),
-    dnsmasq --test, sh -n, systemd-analyze verify."""
+    checked by the tools that will read it: nftables file (loaded in a scratch namespace), dnsmasq --test,
+    sh -n, systemd-analyze verify. (The sysctl file is written by ansible.posix.sysctl, not a template:
+    test_host_mode_sysctls_in_their_file_and_live runs it.)"""
     need_tools()
     assert have("systemd-analyze"), "systemd-analyze missing: install systemd (Debian package)"
     role = Path(__file__).resolve().parents[2] / "roles" / "host_network"
     runner = AnsibleRunner(lab_root)
-    outputs = {"sysctl.conf": "__host_network_sysctl_file", "nftables.nft": "__host_network_nft_file",
+    outputs = {"nftables.nft": "__host_network_nft_file",
                "apply.sh": "__host_network_apply_script", "dnsmasq.conf": "__host_network_dnsmasq_conf",
                "microvm-network.service": "host_network_systemd_dir ~ '/' ~ __host_network_network_unit",
                "microvm-dnsmasq.service": "host_network_systemd_dir ~ '/' ~ __host_network_dhcp_unit"}
@@ -744,8 +825,7 @@ def test_host_mode_and_systemd_files_render_and_validate(lab_root):
                          "__host_network_guest_dns": [GATEWAY]}},
                      {"name": "Directories",
                       "ansible.builtin.file": {"path": "{{ item }}", "state": "directory", "mode": "0755"},
-                      "loop": ["{{ __host_network_conf_dir }}", "{{ host_network_sysctl_dir }}",
-                               "{{ host_network_systemd_dir }}"]},
+                      "loop": ["{{ __host_network_conf_dir }}", "{{ host_network_systemd_dir }}"]},
                      {"name": "Render", "ansible.builtin.template": {
                          "src": str(role / "templates") + "/{{ item.key }}.j2", "dest": "{{ item.value }}",
                          "mode": "{{ '0755' if item.key == 'apply.sh' else '0644' }}"},
@@ -764,11 +844,6 @@ def test_host_mode_and_systemd_files_render_and_validate(lab_root):
         conf = root / "etc" / instance
         units = root / "systemd"
 
-        sysctl = (root / "sysctl.d" / f"60-microvm-{instance}.conf").read_text().splitlines()
-        for line in ("net.ipv4.ip_forward = 1", f"-net.ipv4.conf.{BRIDGE}.rp_filter = 2",
-                     "-net.ipv4.neigh.default.gc_thresh1 = 1024", "-net.ipv4.neigh.default.gc_thresh2 = 4096",
-                     "-net.ipv4.neigh.default.gc_thresh3 = 8192"):
-            assert line in sysctl, (line, sysctl)
         loaded = sh("unshare", "--net", "--", "sh", "-c", 'nft -f "$1" && nft list ruleset', "-", str(conf / "nftables.nft"))
         assert f"table inet {TABLE}" in loaded.stdout and f"table bridge {TABLE}" in loaded.stdout, loaded.stdout
         assert 'oifname "eth0" masquerade' in loaded.stdout
