@@ -371,195 +371,20 @@ ready_seconds:
   type: float
 """
 
-import os
-from typing import Any, Optional
-
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.microvm.firecracker.plugins.module_utils import _fc_vm
-from ansible_collections.microvm.firecracker.plugins.module_utils._fc_api import FirecrackerAPIError
-from ansible_collections.microvm.firecracker.plugins.module_utils._fc_config import SpecError, build_spec, removal_spec
-from ansible_collections.microvm.firecracker.plugins.module_utils._jail import JailError
-from ansible_collections.microvm.firecracker.plugins.module_utils._netlink import Netlink, NetlinkOperationError
-from ansible_collections.microvm.firecracker.plugins.module_utils._netns import NetnsError, enter_netns, netns_path
-
-_LIMITER = dict(type="dict")
-
-
-def _list_links() -> tuple[dict[str, Any], Optional[str]]:
-    try:
-        with Netlink() as netlink:
-            return netlink.links(), None
-    except (OSError, NetlinkOperationError) as exc:
-        return {}, str(exc)
-
-
-def _tap_recipes(spec_interfaces: list[dict[str, Any]], links: dict[str, Any]) -> list[_fc_vm.TapRecipe]:
-    """The VM's TAPs as they are now (build_spec has checked that each exists and is a TAP)."""
-    names_by_index = {link.index: name for name, link in links.items()}
-    recipes = []
-    for iface in spec_interfaces:
-        link = links[iface["tap"]]
-        recipes.append(_fc_vm.TapRecipe(
-            name=link.name, vnet_hdr=link.tun.vnet_hdr, multi_queue=link.tun.multi_queue, owner=link.tun.owner,
-            group=link.tun.group, mtu=link.mtu, bridge=names_by_index.get(link.master), link_group=link.group))
-    return recipes
-
-
-def _tap_checker(links: dict[str, Any], error: Optional[str], jailed_uid: Optional[int]) -> object:
-    def problem(name: object) -> object:
-        if error:
-            return f"cannot list network links: {error}"
-        link = links.get(name) if isinstance(name, str) else None
-        if link is None:
-            return f"TAP {name} does not exist (create it with microvm.firecracker.tap_vnet_hdr)"
-        if link.tun is None or link.tun.mode != "tap":
-            return f"{name} is a {link.kind or 'plain'} link, not a TAP"
-        if jailed_uid is not None and link.tun.owner != jailed_uid:
-            owner = "no owner" if link.tun.owner is None else f"owner uid {link.tun.owner}"
-            return (f"TAP {name} has {owner}, but the jailed VMM runs as uid {jailed_uid}: create the TAP with "
-                    f"owner {jailed_uid} (microvm.firecracker.tap_vnet_hdr)")
-        return None
-
-    return problem
+from ansible_collections.microvm.firecracker.plugins.module_utils._fc_vm_task import (
+    ARGUMENT_SPEC, REQUIRED_IF, TaskError, enter_task_netns, run_vm,
+)
 
 
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            name=dict(type="str", required=True),
-            state=dict(type="str", default="running", choices=["running", "paused", "stopped", "hibernated", "absent"]),
-            kernel=dict(type="path"),
-            initrd=dict(type="path"),
-            boot_args=dict(type="str", default="console=ttyS0 reboot=k panic=1"),
-            vcpu_count=dict(type="raw", default=1),
-            mem_size_mib=dict(type="raw", default=1024),
-            smt=dict(type="bool", default=False),
-            cpu_template=dict(type="str", choices=["None", "C3", "T2", "T2S", "T2CL", "T2A", "V1N1"]),
-            drives=dict(type="list", elements="dict", default=[], options=dict(
-                drive_id=dict(type="str", required=True),
-                path=dict(type="path", required=True),
-                root=dict(type="bool", default=False),
-                read_only=dict(type="bool", default=False),
-                cache_type=dict(type="str", choices=["Unsafe", "Writeback"], default="Unsafe"),
-                io_engine=dict(type="str", choices=["Sync", "Async"], default="Sync"),
-                rate_limiter=_LIMITER,
-            )),
-            network_interfaces=dict(type="list", elements="dict", default=[], options=dict(
-                iface_id=dict(type="str", required=True),
-                tap=dict(type="str", required=True),
-                guest_mac=dict(type="str"),
-                rx_rate_limiter=_LIMITER,
-                tx_rate_limiter=_LIMITER,
-            )),
-            mmds=dict(type="dict"),
-            mmds_metadata=dict(type="raw", no_log=True),
-            vsock=dict(type="dict"),
-            balloon=dict(type="dict"),
-            log_level=dict(type="str", default="Warning", choices=["Error", "Warning", "Info", "Debug", "Trace", "Off"]),
-            log_path=dict(type="path"),
-            metrics_path=dict(type="path"),
-            console_log=dict(type="path"),
-            firecracker_bin=dict(type="path", default="/usr/local/bin/firecracker"),
-            supervisor=dict(type="str", default="auto", choices=["auto", "systemd", "process"]),
-            autostart=dict(type="bool", default=False),
-            recreate_taps=dict(type="bool", default=True),
-            jailer=dict(type="dict", options=dict(
-                uid=dict(type="int", required=True),
-                gid=dict(type="int", required=True),
-                jailer_bin=dict(type="path", default="/usr/local/bin/jailer"),
-                chroot_base_dir=dict(type="path", default="/srv/jailer"),
-                cgroups=dict(type="dict", default={}),
-                parent_cgroup=dict(type="str"),
-                resource_limits=dict(type="dict", default={}),
-            )),
-            state_dir=dict(type="path"),
-            netns=dict(type="str"),
-            wait_for=dict(type="dict"),
-            on_change=dict(type="str", default="restart", choices=["restart", "fail", "ignore"]),
-            stop_timeout=dict(type="int", default=30),
-            archive_logs_to=dict(type="path"),
-        ),
-        required_if=[("state", "running", ("kernel",)), ("state", "paused", ("kernel",)),
-                     ("state", "hibernated", ("kernel",)), ("state", "stopped", ("kernel",))],
-        supports_check_mode=True,
-    )
-    params = module.params
-    target = params["state"]
+    module = AnsibleModule(argument_spec=ARGUMENT_SPEC, required_if=REQUIRED_IF, supports_check_mode=True)
     try:
-        if params["netns"]:
-            enter_netns(params["netns"])
-        tap_recipes: list[_fc_vm.TapRecipe] = []
-        if target == "absent":
-            spec = removal_spec(params)
-        else:
-            links, links_error = _list_links()
-            jailed_uid = (params["jailer"] or {}).get("uid")
-            spec = build_spec(params, _tap_checker(links, links_error, jailed_uid))
-            if params["recreate_taps"]:
-                tap_recipes = _tap_recipes(params["network_interfaces"], links)
-            if target in ("running", "paused", "hibernated") and not module.check_mode:
-                binaries = [("firecracker_bin", params["firecracker_bin"])]
-                if spec.jail is not None:
-                    binaries.append(("jailer.jailer_bin", spec.jail.jailer_bin))
-                for option, binary in binaries:
-                    if not os.path.isfile(binary) or not os.access(binary, os.X_OK):
-                        raise SpecError(f"VM {spec.name}: {option}: {binary} is not an executable file")
-        vm = _fc_vm.MicroVM(spec, params["supervisor"], params["firecracker_bin"],
-                            netns_path(params["netns"]) if params["netns"] else None, tap_recipes)
-        if params["autostart"] and vm.supervisor.kind != "systemd":
-            module.warn(f"VM {spec.name}: autostart needs the systemd supervisor; the process supervisor "
-                        "cannot start VMs at boot")
-        observed = vm.observe()
-        drift = vm.drift(observed, target) if target != "absent" else []
-        if drift and observed.state in ("running", "paused") and target != "stopped":
-            if params["on_change"] == "fail":
-                raise _fc_vm.VMError(f"VM {spec.name}: the running VM's configuration differs from the asked one "
-                                     f"(on_change=fail): " + "; ".join(drift))
-            if params["on_change"] == "ignore":
-                module.warn(f"VM {spec.name}: configuration differs but on_change=ignore: " + "; ".join(drift))
-        metadata_differs = False
-        if observed.state in ("running", "paused") and spec.mmds_metadata is not None:
-            metadata_differs = vm.api.get("/mmds") != spec.mmds_metadata
-        steps = _fc_vm.plan_steps(observed, target, drift, params["on_change"], metadata_differs)
-        autostart_changed = False
-        if module.check_mode:
-            outcome = _fc_vm.Outcome(changed=bool(steps), actions=[f"would {step}" for step in steps])
-        else:
-            outcome = _fc_vm.converge(vm, target, steps, params["wait_for"], params["stop_timeout"],
-                                      params["archive_logs_to"])
-            if target != "absent" and isinstance(vm.supervisor, _fc_vm.SystemdSupervisor):
-                autostart_changed = vm.supervisor.set_autostart(params["autostart"])
-        outcome.differences = drift
-        after = observed if module.check_mode else vm.observe()
-    except (SpecError, _fc_vm.VMError, FirecrackerAPIError, NetnsError, JailError) as exc:
-        module.fail_json(msg=str(exc))
-    except OSError as exc:
-        module.fail_json(msg=f"VM {params['name']}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "))
-
-    final_state = after.state if not module.check_mode else (target if steps else observed.state)
-    result = dict(
-        changed=outcome.changed or autostart_changed,
-        state=final_state,
-        pid=after.pid if final_state in ("running", "paused") else None,
-        api_socket=vm.paths.socket,
-        firecracker_version=after.version,
-        console_log=spec.console_log,
-        state_dir=spec.state_dir,
-        jail_root=spec.jail.root if spec.jail is not None else None,
-        supervisor=vm.supervisor.kind,
-        actions=outcome.actions,
-        differences=outcome.differences,
-        api_seconds=outcome.api_seconds,
-        ready_seconds=outcome.ready_seconds,
-    )
-    if target != "absent":
-        result["config"] = spec.config
-    if module._diff:
-        result["diff"] = dict(
-            before={"state": observed.state, "config": observed.config},
-            after={"state": final_state, "config": spec.config if target != "absent" else None},
-        )
+        enter_task_netns(module.params["netns"], module.params["name"])
+        result = run_vm(module.params, module.check_mode, module._diff, module.warn)[0]
+    except TaskError as exc:
+        module.fail_json(msg=exc.msg)
     module.exit_json(**result)
 
 

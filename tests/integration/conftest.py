@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,30 @@ def assert_each_fails(runner: AnsibleRunner, module: str, cases: list[tuple[str,
     for label, _args, message in cases:
         assert result.status(label) == "failed", f"{label}: {result.task(label)}"
         assert message in result.task(label)["msg"], f"{label}: {result.task(label)['msg']}"
+
+
+def bridge_lab(workdir: Path, bridge: str, address: str, taps: list[str]) -> tuple[str, AnsibleRunner]:
+    """A new namespace with ``bridge`` (``address``, CIDR) and ``taps`` on it, made by the modules."""
+    netns = new_netns()
+    runner = AnsibleRunner(workdir)
+    result = runner.run([
+        {"name": "bridge", "microvm.firecracker.fc_bridge": {"netns": netns, "name": bridge, "addresses": [address]}},
+        *({"name": f"tap {tap}", "microvm.firecracker.tap_vnet_hdr": {"netns": netns, "name": tap, "bridge": bridge}}
+          for tap in taps),
+    ])
+    if result.rc != 0:
+        delete_netns(netns)
+        raise AssertionError(result.output)
+    return netns, runner
+
+
+def stop_vmms(workdir: Path) -> None:
+    """SIGKILL every VMM whose process supervisor's pidfile lies under ``workdir`` (test teardown)."""
+    for pidfile in workdir.rglob("firecracker.pid"):
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (ValueError, ProcessLookupError):
+            pass
 
 
 @pytest.fixture

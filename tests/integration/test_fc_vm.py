@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import delete_netns, in_netns, new_netns, proc_status, wait_for
+from conftest import bridge_lab, delete_netns, in_netns, proc_status, stop_vmms, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 STANDIN = str(REPO / "standin" / "fc-standin")
@@ -57,26 +57,14 @@ Address={GUEST_IP}/{PREFIX}
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, golden):
     """Namespace + bridge + TAP (via the modules), kernel/initrd/image from the golden build."""
-    from conftest import AnsibleRunner  # pylint: disable=import-outside-toplevel
     workdir = tmp_path_factory.mktemp("fcvm")
-    netns = new_netns()
-    runner = AnsibleRunner(workdir)
+    netns = bridge_lab(workdir, "fcbr-vm", f"{BRIDGE_IP}/{PREFIX}", [TAP])[0]
     try:
-        result = runner.run([
-            {"name": "bridge", "microvm.firecracker.fc_bridge": {
-                "netns": netns, "name": "fcbr-vm", "addresses": [f"{BRIDGE_IP}/{PREFIX}"]}},
-            {"name": "tap", "microvm.firecracker.tap_vnet_hdr": {"netns": netns, "name": TAP, "bridge": "fcbr-vm"}},
-        ])
-        assert result.rc == 0, result.output
         # The versioned files, not the symlinks: other tests may move the symlinks later.
         yield {"netns": netns, "dir": workdir, "kernel": str(golden.link("vmlinux").resolve()),
                "initrd": str(golden.link("initrd").resolve()), "image": golden.link("ext4").resolve()}
     finally:
-        for pidfile in workdir.rglob("firecracker.pid"):
-            try:
-                os.kill(int(pidfile.read_text()), signal.SIGKILL)
-            except (ValueError, ProcessLookupError):
-                pass
+        stop_vmms(workdir)
         delete_netns(netns)
 
 
