@@ -1,7 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: (c) 2026, microvm.firecracker contributors
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Filters of the microvm and host_network roles: the VM list checked as a whole, and fleet subnets."""
+"""Filters of the microvm and host_network roles: the VM list checked as a whole, each step's arguments, the
+report of launched VMs, and fleet subnets."""
 from __future__ import annotations
 
 from typing import Any
@@ -14,6 +15,9 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._vm_plan impor
     vm_injections,
     vm_launch,
     vm_plan,
+    vm_prepare_args,
+    vm_report,
+    vm_start_args,
 )
 
 
@@ -35,6 +39,13 @@ def _vm_injections(vms: Any, allocations: Any, network: Any, settings: Any) -> d
         raise AnsibleFilterError("vm_injections: %s" % exc) from exc
 
 
+def _vm_start_args(launches: Any, prepared: Any, skip: Any = None) -> list[dict[str, Any]]:
+    try:
+        return vm_start_args(launches, prepared, list(skip or []))
+    except PlanError as exc:
+        raise AnsibleFilterError("vm_start_args: %s" % exc) from exc
+
+
 def _fleet_subnet(supernet: Any, prefix: Any, index: Any) -> str:
     try:
         return fleet_subnet(supernet, prefix, index)
@@ -44,4 +55,7 @@ def _fleet_subnet(supernet: Any, prefix: Any, index: Any) -> str:
 
 class FilterModule:
     def filters(self) -> dict[str, Any]:
-        return {"vm_plan": _vm_plan, "vm_launch": _vm_launch, "vm_injections": _vm_injections, "fleet_subnet": _fleet_subnet}
+        return {
+            "vm_plan": _vm_plan, "vm_launch": _vm_launch, "vm_injections": _vm_injections, "fleet_subnet": _fleet_subnet,
+            "vm_prepare_args": vm_prepare_args, "vm_start_args": _vm_start_args, "vm_report": vm_report,
+        }

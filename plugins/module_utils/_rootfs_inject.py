@@ -43,6 +43,49 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._ext4 import (
     parse_stat,
 )
 
+# rootfs_inject's options (also what rootfs_prepare validates each VM's injection against).
+_STATES = dict(type="str", choices=["present", "absent"], default="present")
+
+ARGUMENT_SPEC = dict(
+    image=dict(type="path", required=True),
+    files=dict(type="list", elements="dict", default=[], options=dict(
+        path=dict(type="str", required=True, aliases=["dest"]),
+        content=dict(type="str", no_log=False),
+        src=dict(type="path"),
+        mode=dict(type="raw"),
+        owner=dict(type="str"),
+        group=dict(type="str"),
+        state=_STATES,
+        secret=dict(type="bool", default=False),
+    ), mutually_exclusive=[("content", "src")]),
+    directories=dict(type="list", elements="dict", default=[], options=dict(
+        path=dict(type="str", required=True),
+        mode=dict(type="raw"),
+        owner=dict(type="str"),
+        group=dict(type="str"),
+        state=_STATES,
+    )),
+    symlinks=dict(type="list", elements="dict", default=[], options=dict(
+        path=dict(type="str", required=True),
+        target=dict(type="str"),
+        state=_STATES,
+    ), required_if=[("state", "present", ("target",))]),
+    systemd_units=dict(type="list", elements="dict", default=[], options=dict(
+        name=dict(type="str", required=True),
+        content=dict(type="str"),
+        src=dict(type="path"),
+        enabled=dict(type="bool"),
+        masked=dict(type="bool"),
+        state=_STATES,
+    ), mutually_exclusive=[("content", "src")]),
+    environment=dict(type="dict", no_log=False),
+    environment_strategy=dict(type="str", choices=["merge", "replace"], default="merge"),
+    environment_secret=dict(type="bool", default=False),
+    hostname=dict(type="str"),
+    hosts_entry=dict(type="bool", default=True),
+    reset_machine_id=dict(type="bool", default=False),
+)
+
 UNIT_DIR = "/etc/systemd/system"
 UNIT_SEARCH_PATH = ("/etc/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
 ENVIRONMENT_PATH = "/etc/environment"
@@ -1347,6 +1390,13 @@ def _swap_in(tmp: str, path: str, replace: bool) -> List[str]:
 class Tools:
     debugfs: str = "debugfs"
     e2fsck: str = "e2fsck"
+
+
+def find_tools(get_bin_path: Callable[..., str]) -> Tools:
+    """debugfs and e2fsck on the managed host (``get_bin_path``: AnsibleModule's, which fails the task when one
+    is missing)."""
+    return Tools(debugfs=get_bin_path("debugfs", required=True, opt_dirs=["/usr/sbin", "/sbin"]),
+                 e2fsck=get_bin_path("e2fsck", required=True, opt_dirs=["/usr/sbin", "/sbin"]))
 
 
 class RunError(Exception):

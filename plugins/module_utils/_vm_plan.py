@@ -278,3 +278,55 @@ def _launches(vms: list[dict[str, Any]], allocations: dict[str, Any], network: d
             "wait_for": wait_for, "secret": vm["environment_secret"] or any(c["secret"] for c in copies),
         })
     return launches
+
+
+def vm_prepare_args(launches: list[dict[str, Any]], injections: dict[str, dict[str, Any]],
+                    new_names: list[str]) -> list[dict[str, Any]]:
+    """rootfs_prepare's ``vms``: every VM's directory, disk and injection (``new``: created by this run)."""
+    return [{
+        "name": launch["name"], "dir": launch["dir"], "golden": launch["golden"], "disk": launch["disk"],
+        "inject": injections[launch["name"]], "staged": [copy["dest"] for copy in launch["copies"]],
+        "new": launch["name"] in new_names, "on_change": launch["fc_vm"]["on_change"],
+        "supervisor": launch["fc_vm"]["supervisor"], "stop_timeout": launch["fc_vm"]["stop_timeout"],
+    } for launch in launches]
+
+
+def _kernel_files(prepared: dict[str, Any]) -> tuple[str, str]:
+    """The kernel and initrd of the golden version the VM's disk was cloned from (they lie beside it)."""
+    source = prepared.get("source")
+    if not source or not source.endswith(".ext4"):
+        raise PlanError(f"VM {prepared.get('name')}: its disk records no golden image it was cloned from")
+    return source[:-len(".ext4")] + ".vmlinux", source[:-len(".ext4")] + ".initrd"
+
+
+def vm_start_args(launches: list[dict[str, Any]], prepared: list[dict[str, Any]],
+                  skip: list[str]) -> list[dict[str, Any]]:
+    """fc_vms' ``vms``: fc_vm's options per VM (those in ``skip`` left out), with the kernel and initrd of the
+    golden version each disk came from, and the readiness check for VMs that should run."""
+    by_name = {entry["name"]: entry for entry in prepared}
+    vms = []
+    for launch in launches:
+        if launch["name"] in skip:
+            continue
+        if launch["name"] not in by_name:
+            raise PlanError(f"VM {launch['name']}: its disk was not prepared")
+        args = {key: value for key, value in launch["fc_vm"].items() if key != "netns" and value is not None}
+        args["kernel"], args["initrd"] = _kernel_files(by_name[launch["name"]])
+        if launch["wait_for"] is not None and launch["state"] == "running":
+            args["wait_for"] = launch["wait_for"]
+        vms.append(args)
+    return vms
+
+
+def vm_report(launches: list[dict[str, Any]], prepared: list[dict[str, Any]],
+              started: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The microvm_launched fact: per VM name, its address, TAP, files, golden version, pid and readiness."""
+    versions = {entry["name"]: entry.get("version") for entry in prepared}
+    runs = {entry["name"]: entry for entry in started}
+    return {launch["name"]: {
+        "ip": launch["ip"], "tap": launch["tap"]["name"], "mac": launch["fc_vm"]["network_interfaces"][0]["guest_mac"],
+        "dir": launch["dir"], "disk": launch["disk"], "state": launch["state"],
+        "golden_version": versions.get(launch["name"]),
+        "pid": runs.get(launch["name"], {}).get("pid"),
+        "ready_seconds": runs.get(launch["name"], {}).get("ready_seconds"),
+    } for launch in launches}

@@ -373,48 +373,7 @@ import tempfile
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.microvm.firecracker.plugins.module_utils import _rootfs_inject
-
-_STATES = dict(type="str", choices=["present", "absent"], default="present")
-
-ARGUMENT_SPEC = dict(
-    image=dict(type="path", required=True),
-    files=dict(type="list", elements="dict", default=[], options=dict(
-        path=dict(type="str", required=True, aliases=["dest"]),
-        content=dict(type="str", no_log=False),
-        src=dict(type="path"),
-        mode=dict(type="raw"),
-        owner=dict(type="str"),
-        group=dict(type="str"),
-        state=_STATES,
-        secret=dict(type="bool", default=False),
-    ), mutually_exclusive=[("content", "src")]),
-    directories=dict(type="list", elements="dict", default=[], options=dict(
-        path=dict(type="str", required=True),
-        mode=dict(type="raw"),
-        owner=dict(type="str"),
-        group=dict(type="str"),
-        state=_STATES,
-    )),
-    symlinks=dict(type="list", elements="dict", default=[], options=dict(
-        path=dict(type="str", required=True),
-        target=dict(type="str"),
-        state=_STATES,
-    ), required_if=[("state", "present", ("target",))]),
-    systemd_units=dict(type="list", elements="dict", default=[], options=dict(
-        name=dict(type="str", required=True),
-        content=dict(type="str"),
-        src=dict(type="path"),
-        enabled=dict(type="bool"),
-        masked=dict(type="bool"),
-        state=_STATES,
-    ), mutually_exclusive=[("content", "src")]),
-    environment=dict(type="dict", no_log=False),
-    environment_strategy=dict(type="str", choices=["merge", "replace"], default="merge"),
-    environment_secret=dict(type="bool", default=False),
-    hostname=dict(type="str"),
-    hosts_entry=dict(type="bool", default=True),
-    reset_machine_id=dict(type="bool", default=False),
-)
+from ansible_collections.microvm.firecracker.plugins.module_utils._rootfs_inject import ARGUMENT_SPEC
 
 
 class _Module(AnsibleModule):
@@ -430,10 +389,7 @@ class _Module(AnsibleModule):
 def main() -> None:
     module = _Module(argument_spec=ARGUMENT_SPEC, supports_check_mode=True)
     module.no_log_values.update(_rootfs_inject.secret_values(module.params))
-    tools = _rootfs_inject.Tools(
-        debugfs=module.get_bin_path("debugfs", required=True, opt_dirs=["/usr/sbin", "/sbin"]),
-        e2fsck=module.get_bin_path("e2fsck", required=True, opt_dirs=["/usr/sbin", "/sbin"]),
-    )
+    tools = _rootfs_inject.find_tools(module.get_bin_path)
     workdir = tempfile.mkdtemp(prefix="rootfs-inject-", dir=module.tmpdir)
     os.chmod(workdir, 0o700)
     try:

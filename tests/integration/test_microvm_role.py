@@ -106,7 +106,7 @@ def test_check_mode_predicts_a_launch_and_creates_nothing(lab):
     assert result.rc == 0, result.output
     changed = {r["task"].split(" : ", 1)[-1] for r in result.records if r["result"].get("changed")}
     for task in ("Allocate addresses, MACs and TAP names", "Create the TAPs on the bridge",
-                 "Clone the current golden version for new VMs (sparse)", "Remember what was injected"):
+                 "Prepare the VMs' directories and disks (clone, inject)"):
         assert task in changed, (task, sorted(changed))
     assert not (lab["state"] / "allocations.json").exists()
     assert not (lab["state"] / "vms").exists()

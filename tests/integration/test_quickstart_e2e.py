@@ -217,9 +217,13 @@ def test_two_vms_reserved_addresses_nat_isolation_rerun_and_teardown(lab):
                       "microvm_firecracker_bin": str((REPO / "standin" / "fc-standin").resolve())}
     changed = lab.runner.run_playbook(LAUNCH, extra_vars={**variables, **inventory_like, "microvm_vms": rotated})
     assert changed.rc == 0, changed.output
-    for task in ("Stop existing VMs whose injected files change (the disk is never written while in use)",
-                 "Inject units, environment, hostname, network and files", "Start the VMs (all at once; readiness is awaited next)"):
+    for task in ("Prepare the VMs' directories and disks (clone, inject)",
+                 "Start the VMs and await their readiness (console watched for panics and failed units)"):
         assert any(name.endswith(task) for name in changed.changed_tasks()), (task, changed.changed_tasks())
+    prepared = {vm["name"]: vm for record in changed.records if record["task"].endswith("(clone, inject)")
+                for vm in record["result"].get("vms", [])}
+    assert prepared["e2e-b"]["stopped"] and prepared["e2e-b"]["injected"], prepared
+    assert not prepared["e2e-a"]["changed"], prepared
     after = {name: int((state_dir / "vms" / name / "firecracker.pid").read_text()) for name in names}
     assert after["e2e-a"] == before["e2e-a"] and after["e2e-b"] != before["e2e-b"], (before, after)
     assert lab.http(ips["e2e-b"]) == SESSION + "-rotated" and lab.http(ips["e2e-a"]) == SESSION

@@ -16,6 +16,9 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._vm_plan impor
     vm_injections,
     vm_launch,
     vm_plan,
+    vm_prepare_args,
+    vm_report,
+    vm_start_args,
 )
 
 PROFILES = {"small": {"vcpu_count": 1, "mem_size_mib": 512}, "big": {"vcpu_count": 4, "mem_size_mib": 4096}}
@@ -124,6 +127,40 @@ def test_dhcp_vms_get_no_static_network_file():
     assert not [f for f in inject["files"] if "network" in f["path"]]
     with pytest.raises(PlanError, match="VM a: no address allocation"):
         vm_launch(plan, {}, NETWORK, SETTINGS)
+
+
+def test_batch_arguments_and_report():
+    plan = vm_plan([{"name": "a", "on_change": "fail", "wait_for": {"port": 80}},
+                    {"name": "b", "state": "stopped", "wait_for": {"port": 80}, "systemd_units": [{"name": "u.service", "src": "u"}]}],
+                   PROFILES, DEFAULTS)["vms"]
+    allocations = {"a": alloc("a", 2), "b": alloc("b", 3)}
+    launches = vm_launch(plan, allocations, NETWORK, SETTINGS)
+    injections = vm_injections(plan, allocations, NETWORK, SETTINGS)
+    a, b = vm_prepare_args(launches, injections, ["b"])
+    assert a == {"name": "a", "dir": "/var/lib/firecracker/vms/a", "golden": "/g/golden-base.ext4",
+                 "disk": "/var/lib/firecracker/vms/a/rootfs.ext4", "inject": injections["a"], "staged": [], "new": False,
+                 "on_change": "fail", "supervisor": "auto", "stop_timeout": 30}
+    assert b["new"] is True and b["staged"] == ["/var/lib/firecracker/vms/b/inject/unit-u.service"]
+
+    prepared = [{"name": "a", "source": "/g/golden-base-00112233445566aa.ext4", "version": "00112233445566aa"},
+                {"name": "b", "source": "/g/golden-base-ffeeddccbbaa9988.ext4", "version": "ffeeddccbbaa9988"}]
+    start_a, start_b = vm_start_args(launches, prepared, [])
+    assert "netns" not in start_a and "jailer" not in start_a, "fc_vms takes the namespace once; None means unset"
+    assert start_a["kernel"] == "/g/golden-base-00112233445566aa.vmlinux"
+    assert start_a["initrd"] == "/g/golden-base-00112233445566aa.initrd"
+    assert start_a["wait_for"] == {"host": "198.18.80.2", "timeout": 90, "port": 80}
+    assert start_b["state"] == "stopped" and "wait_for" not in start_b, "only a VM that should run is awaited"
+    assert [vm["name"] for vm in vm_start_args(launches, prepared, ["a"])] == ["b"]
+    with pytest.raises(PlanError, match="VM b: its disk was not prepared"):
+        vm_start_args(launches, prepared[:1], [])
+    with pytest.raises(PlanError, match="VM a: its disk records no golden image"):
+        vm_start_args(launches, [{"name": "a", "source": None}, prepared[1]], [])
+
+    report = vm_report(launches, prepared, [{"name": "a", "pid": 42, "ready_seconds": 3.5}])
+    assert report["a"] == {"ip": "198.18.80.2", "tap": "fc-c6125002", "mac": "06:00:c6:12:50:02",
+                           "dir": "/var/lib/firecracker/vms/a", "disk": "/var/lib/firecracker/vms/a/rootfs.ext4",
+                           "state": "running", "golden_version": "00112233445566aa", "pid": 42, "ready_seconds": 3.5}
+    assert report["b"]["pid"] is None and report["b"]["ready_seconds"] is None
 
 
 @pytest.mark.parametrize("supernet, prefix, index, expected", [
