@@ -188,10 +188,11 @@ def _prepare(params: dict[str, Any], check_mode: bool) -> _Prepared:
     return _Prepared(spec, tap_recipes)
 
 
-def validate_vm(params: dict[str, Any], check_mode: bool) -> None:
-    """Raise TaskError when run_vm would refuse ``params`` before touching anything; change nothing."""
+def validate_vm(params: dict[str, Any], check_mode: bool) -> _Prepared:
+    """Raise TaskError when run_vm would refuse ``params`` before touching anything; change nothing.
+    What it checked is returned, for run_vm to use rather than check again."""
     with _task_errors(params.get("name")):
-        _prepare(params, check_mode)
+        return _prepare(params, check_mode)
 
 
 def _merge(first: _fc_vm.Outcome, second: _fc_vm.Outcome) -> _fc_vm.Outcome:
@@ -228,7 +229,8 @@ def _converge_deferred(vm: _fc_vm.MicroVM, target: str, steps: list[str], wait_f
 
 
 def run_vm(params: dict[str, Any], check_mode: bool, want_diff: bool, warn: Callable[[str], None],
-           defer_wait: bool = False) -> tuple[dict[str, Any], Optional[Callable[[], None]]]:
+           defer_wait: bool = False,
+           prepared: Optional[_Prepared] = None) -> tuple[dict[str, Any], Optional[Callable[[], None]]]:
     """Converge one VM as fc_vm does (in the namespace the process is in) and return fc_vm's result.
 
     With ``defer_wait`` (target running with wait_for, not check mode) the readiness check is left out and
@@ -238,7 +240,8 @@ def run_vm(params: dict[str, Any], check_mode: bool, want_diff: bool, warn: Call
     target = params["state"]
     wait: Optional[Callable[[], None]] = None
     with _task_errors(params.get("name")):
-        prepared = _prepare(params, check_mode)
+        if prepared is None:
+            prepared = _prepare(params, check_mode)
         spec = prepared.spec
         vm = _fc_vm.MicroVM(spec, params["supervisor"], params["firecracker_bin"],
                             netns_path(params["netns"]) if params["netns"] else None, prepared.tap_recipes)
@@ -363,9 +366,10 @@ def run_vms(vms: list[dict[str, Any]], netns: Optional[str], check_mode: bool, w
     """
     vms = [dict(params, netns=netns) for params in vms]
     problems = []
+    checked: list[Optional[_Prepared]] = []
     for params in vms:
         try:
-            validate_vm(params, check_mode)
+            checked.append(validate_vm(params, check_mode))
         except TaskError as exc:
             problems.append(exc.msg)
     if problems:
@@ -374,9 +378,9 @@ def run_vms(vms: list[dict[str, Any]], netns: Optional[str], check_mode: bool, w
     records: list[dict[str, Any]] = []
     checks: list[tuple[dict[str, Any], Callable[[], None]]] = []
 
-    def converge_one(params: dict[str, Any]) -> tuple[dict[str, Any], Optional[Callable[[], None]]]:
+    def converge_one(params: dict[str, Any], prepared: Optional[_Prepared]) -> tuple[dict[str, Any], Optional[Callable[[], None]]]:
         try:
-            record, check = run_vm(params, check_mode, want_diff, warn, defer_wait=True)
+            record, check = run_vm(params, check_mode, want_diff, warn, defer_wait=True, prepared=prepared)
         except TaskError as exc:
             return dict(name=params["name"], failed=True, msg=exc.msg), None
         record.update(name=params["name"], failed=False)
@@ -385,7 +389,7 @@ def run_vms(vms: list[dict[str, Any]], netns: Optional[str], check_mode: bool, w
     # VMs are independent (own state dir, TAP, socket, unit): their VMMs start at the same time, which on a
     # busy host also keeps the first guests' boot from slowing the later VMMs' start.
     with ThreadPoolExecutor(max_workers=min(len(vms), MAX_PARALLEL_STARTS) or 1, thread_name_prefix="fc_vms") as pool:
-        converged = list(pool.map(converge_one, vms))
+        converged = list(pool.map(converge_one, vms, checked))
     for record, check in converged:
         records.append(record)
         if check is not None:

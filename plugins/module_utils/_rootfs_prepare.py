@@ -253,7 +253,8 @@ def prepare_one(decision: Decision, check_mode: bool, tools: _rootfs_inject.Tool
                 finally:
                     shutil.rmtree(workdir, ignore_errors=True)
                 outcome.changes = injected["changes"]
-                _write_fingerprint(item.dir, fingerprint(item.inject, item.staged))
+                # decide() computed it: outside check mode every staged file exists.
+                _write_fingerprint(item.dir, decision.wanted or fingerprint(item.inject, item.staged))
                 outcome.actions.append("injected")
             outcome.injected = True
     except (_clone.CloneError, _rootfs_inject.RunError, PrepareError) as exc:

@@ -107,7 +107,7 @@ def test_deferred_check_records_failure_and_readiness(monkeypatch):
     """run_vms: converge failures and readiness failures are recorded per VM; the others go on."""
     calls = []
 
-    def fake_run_vm(params, check_mode, want_diff, warn, defer_wait=False):
+    def fake_run_vm(params, check_mode, want_diff, warn, defer_wait=False, prepared=None):
         assert defer_wait is True and params["netns"] == "lab"
         calls.append(params["name"])
         if params["name"] == "broken":
