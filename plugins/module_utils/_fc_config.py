@@ -125,11 +125,16 @@ def credential_in_boot_args(boot_args: str) -> Optional[str]:
     return None
 
 
-def _readable_file(field: str, path: Optional[str]) -> str:
+def _absolute_path(field: str, path: Optional[str]) -> str:
     if not path:
         raise SpecError(f"{field}: a path is required")
     if not os.path.isabs(path):
         raise SpecError(f"{field}: {path} is not an absolute path")
+    return path
+
+
+def _readable_file(field: str, path: Optional[str]) -> str:
+    path = _absolute_path(field, path)
     if not os.path.isfile(path):
         raise SpecError(f"{field}: {path} does not exist or is not a regular file")
     if not os.access(path, os.R_OK):
@@ -188,8 +193,12 @@ def removal_spec(params: dict[str, Any]) -> VMSpec:
                   log_path=log_path, jail=jail)
 
 
-def build_spec(params: dict[str, Any], tap_problem: Any) -> VMSpec:
-    """Validate every field and render the config. ``tap_problem(name)`` says why a TAP is unusable, or None."""
+def build_spec(params: dict[str, Any], tap_problem: Any, drives_pending: bool = False) -> VMSpec:
+    """Validate every field and render the config. ``tap_problem(name)`` says why a TAP is unusable, or None.
+
+    With ``drives_pending`` (check mode, for a VM whose disk an earlier task would create) a drive's file need
+    not exist yet; its path must still be absolute.
+    """
     name, state_dir = _name_and_state_dir(params)
     label = f"VM {name}"
     problems: list[str] = []
@@ -221,7 +230,7 @@ def build_spec(params: dict[str, Any], tap_problem: Any) -> VMSpec:
     roots = []
     for drive_id, drive in _unique_ids("drives", "drive_id", params.get("drives"), problems):
         field = f"drives[{drive_id}]"
-        path = check(_readable_file, f"{field}.path", drive.get("path"))
+        path = check(_absolute_path if drives_pending else _readable_file, f"{field}.path", drive.get("path"))
         if drive.get("root"):
             roots.append(drive_id)
         rendered: dict[str, Any] = {

@@ -98,22 +98,41 @@ MAX_PARALLEL_STARTS = 8
 
 
 class TaskError(Exception):
-    """The task fails with this message (it names the VM, the operation and the cause)."""
+    """The task fails with this message (it names the VM, the operation and the cause). ``changed``: the
+    failure came after the VM's converge had started changing it (a VMM started, then refused)."""
 
-    def __init__(self, msg: str) -> None:
+    def __init__(self, msg: str, changed: bool = False) -> None:
         super().__init__(msg)
         self.msg = msg
+        self.changed = changed
+
+
+@dataclass(frozen=True)
+class CheckModeAssumptions:
+    """What earlier tasks of the same run would have done, for check mode, where they changed nothing.
+
+    ``stopped``: VMs those tasks create or stop (a new VM, a VM stopped to re-inject its disk); each is
+    predicted from a stopped VM, and its TAPs and drive files need not exist yet. ``taps``: TAPs those tasks
+    create, taken as ready.
+    """
+    stopped: frozenset[str] = frozenset()
+    taps: frozenset[str] = frozenset()
+
+
+NO_ASSUMPTIONS = CheckModeAssumptions()
 
 
 @contextmanager
-def _task_errors(name: object) -> Iterator[None]:
-    """The exceptions fc_vm reports as a failed task, as TaskError with fc_vm's messages."""
+def _task_errors(name: object, touched: Optional[list[bool]] = None) -> Iterator[None]:
+    """The exceptions fc_vm reports as a failed task, as TaskError with fc_vm's messages (changed when
+    ``touched`` holds True by then)."""
     try:
         yield
     except (SpecError, _fc_vm.VMError, FirecrackerAPIError, NetnsError, JailError) as exc:
-        raise TaskError(str(exc)) from None
+        raise TaskError(str(exc), changed=bool(touched and touched[0])) from None
     except OSError as exc:
-        raise TaskError(f"VM {name}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")) from None
+        raise TaskError(f"VM {name}: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+                        changed=bool(touched and touched[0])) from None
 
 
 def enter_task_netns(netns: Optional[str], name: object = None) -> None:
@@ -167,17 +186,29 @@ class _Prepared:
     tap_recipes: list[_fc_vm.TapRecipe]
 
 
-def _prepare(params: dict[str, Any], check_mode: bool) -> _Prepared:
-    """Every check fc_vm makes before it touches anything: the spec, the TAPs, the binaries."""
+def _prepare(params: dict[str, Any], check_mode: bool, assume: CheckModeAssumptions = NO_ASSUMPTIONS) -> _Prepared:
+    """Every check fc_vm makes before it touches anything: the spec, the TAPs, the binaries (in check mode,
+    as far as ``assume`` leaves them to check)."""
     target = params["state"]
     tap_recipes: list[_fc_vm.TapRecipe] = []
     if target == "absent":
         return _Prepared(removal_spec(params), tap_recipes)
     links, links_error = _list_links()
     jailed_uid = (params["jailer"] or {}).get("uid")
-    spec = build_spec(params, _tap_checker(links, links_error, jailed_uid))
+    host_checker = _tap_checker(links, links_error, jailed_uid)
+    pending = check_mode and params["name"] in assume.stopped
+
+    def tap_problem(name: object) -> object:
+        if check_mode and (pending or name in assume.taps):
+            return None
+        return host_checker(name)
+
+    spec = build_spec(params, tap_problem, drives_pending=pending)
     if params["recreate_taps"]:
-        tap_recipes = _tap_recipes(params["network_interfaces"], links)
+        interfaces = params["network_interfaces"] or []
+        if check_mode:  # a TAP check mode takes as created is not there to record (nothing is recreated)
+            interfaces = [iface for iface in interfaces if iface.get("tap") in links]
+        tap_recipes = _tap_recipes(interfaces, links)
     if target in ("running", "paused", "hibernated") and not check_mode:
         binaries = [("firecracker_bin", params["firecracker_bin"])]
         if spec.jail is not None:
@@ -188,11 +219,11 @@ def _prepare(params: dict[str, Any], check_mode: bool) -> _Prepared:
     return _Prepared(spec, tap_recipes)
 
 
-def validate_vm(params: dict[str, Any], check_mode: bool) -> _Prepared:
+def validate_vm(params: dict[str, Any], check_mode: bool, assume: CheckModeAssumptions = NO_ASSUMPTIONS) -> _Prepared:
     """Raise TaskError when run_vm would refuse ``params`` before touching anything; change nothing.
     What it checked is returned, for run_vm to use rather than check again."""
     with _task_errors(params.get("name")):
-        return _prepare(params, check_mode)
+        return _prepare(params, check_mode, assume)
 
 
 def _merge(first: _fc_vm.Outcome, second: _fc_vm.Outcome) -> _fc_vm.Outcome:
@@ -229,19 +260,21 @@ def _converge_deferred(vm: _fc_vm.MicroVM, target: str, steps: list[str], wait_f
 
 
 def run_vm(params: dict[str, Any], check_mode: bool, want_diff: bool, warn: Callable[[str], None],
-           defer_wait: bool = False,
-           prepared: Optional[_Prepared] = None) -> tuple[dict[str, Any], Optional[Callable[[], None]]]:
+           defer_wait: bool = False, prepared: Optional[_Prepared] = None,
+           assume: CheckModeAssumptions = NO_ASSUMPTIONS) -> tuple[dict[str, Any], Optional[Callable[[], None]]]:
     """Converge one VM as fc_vm does (in the namespace the process is in) and return fc_vm's result.
 
     With ``defer_wait`` (target running with wait_for, not check mode) the readiness check is left out and
     returned as a callable; it sets ``ready_seconds`` in the result, or raises TaskError. Otherwise the
-    second value is None.
+    second value is None. ``assume`` is used in check mode only. A TaskError raised once the converge has
+    started changing the VM says so (``changed``).
     """
     target = params["state"]
     wait: Optional[Callable[[], None]] = None
-    with _task_errors(params.get("name")):
+    touched = [False]
+    with _task_errors(params.get("name"), touched):
         if prepared is None:
-            prepared = _prepare(params, check_mode)
+            prepared = _prepare(params, check_mode, assume)
         spec = prepared.spec
         vm = _fc_vm.MicroVM(spec, params["supervisor"], params["firecracker_bin"],
                             netns_path(params["netns"]) if params["netns"] else None, prepared.tap_recipes)
@@ -249,6 +282,9 @@ def run_vm(params: dict[str, Any], check_mode: bool, want_diff: bool, warn: Call
             warn(f"VM {spec.name}: autostart needs the systemd supervisor; the process supervisor "
                  "cannot start VMs at boot")
         observed = vm.observe()
+        if check_mode and spec.name in assume.stopped and observed.state in ("running", "paused", "not-started"):
+            # An earlier task of the run stops it (rootfs_prepare, before re-injecting its disk).
+            observed = _fc_vm.Observed(state="stopped", config=observed.config, version=observed.version)
         drift = vm.drift(observed, target) if target != "absent" else []
         if drift and observed.state in ("running", "paused") and target != "stopped":
             if params["on_change"] == "fail":
@@ -261,6 +297,7 @@ def run_vm(params: dict[str, Any], check_mode: bool, want_diff: bool, warn: Call
             metadata_differs = vm.api.get("/mmds") != spec.mmds_metadata
         steps = _fc_vm.plan_steps(observed, target, drift, params["on_change"], metadata_differs)
         autostart_changed = False
+        touched[0] = bool(steps) and not check_mode
         if check_mode:
             outcome = _fc_vm.Outcome(changed=bool(steps), actions=[f"would {step}" for step in steps])
         elif defer_wait and target == "running" and params["wait_for"]:
@@ -355,21 +392,22 @@ def check_elements(elements: list[Any]) -> Elements:
 
 
 def run_vms(vms: list[dict[str, Any]], netns: Optional[str], check_mode: bool, want_diff: bool,
-            warn: Callable[[str], None]) -> dict[str, Any]:
+            warn: Callable[[str], None], assume: CheckModeAssumptions = NO_ASSUMPTIONS) -> dict[str, Any]:
     """fc_vms: converge every VM of ``vms`` (parameters from check_elements) as fc_vm would, in ``netns``
     (already entered by the caller), then await all their readiness checks at once.
 
     Raises TaskError, before anything is touched, when fc_vm would refuse any VM's input. Otherwise returns
     ``changed``, ``vms`` (one record per VM in input order: ``name``, ``failed``, ``msg`` on failure and fc_vm's
     result when its converge got that far), ``failed_names``, ``msg`` when a VM failed and, with
-    ``want_diff``, ``diff`` (fc_vm's before/after per VM, with a header naming it).
+    ``want_diff``, ``diff`` (fc_vm's before/after per VM, with a header naming it). ``assume`` is used in
+    check mode only. A VM that failed after its converge started changing it counts as changed.
     """
     vms = [dict(params, netns=netns) for params in vms]
     problems = []
     checked: list[Optional[_Prepared]] = []
     for params in vms:
         try:
-            checked.append(validate_vm(params, check_mode))
+            checked.append(validate_vm(params, check_mode, assume))
         except TaskError as exc:
             problems.append(exc.msg)
     if problems:
@@ -380,9 +418,10 @@ def run_vms(vms: list[dict[str, Any]], netns: Optional[str], check_mode: bool, w
 
     def converge_one(params: dict[str, Any], prepared: Optional[_Prepared]) -> tuple[dict[str, Any], Optional[Callable[[], None]]]:
         try:
-            record, check = run_vm(params, check_mode, want_diff, warn, defer_wait=True, prepared=prepared)
+            record, check = run_vm(params, check_mode, want_diff, warn, defer_wait=True, prepared=prepared,
+                                   assume=assume)
         except TaskError as exc:
-            return dict(name=params["name"], failed=True, msg=exc.msg), None
+            return dict(name=params["name"], failed=True, msg=exc.msg, changed=exc.changed), None
         record.update(name=params["name"], failed=False)
         return record, check
 

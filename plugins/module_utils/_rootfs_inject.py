@@ -509,6 +509,20 @@ def install_links(name: str, unit_path: str, text: str) -> List[Tuple[str, str]]
     return list(dict.fromkeys(links))
 
 
+def enable_links(name: str, unit_path: str, text: str) -> List[Tuple[str, str]]:
+    """install_links for a unit to enable: refused when there is nothing to link."""
+    links = install_links(name, unit_path, text)
+    if not links:
+        raise InjectError(unit_path, "unit %s has no WantedBy=, RequiredBy=, UpheldBy= or Alias= in its "
+                          "[Install] section; it cannot be enabled" % name)
+    return links
+
+
+def check_unit_to_enable(name: str, content: str) -> None:
+    """Raise InjectError when a unit with this content could not be enabled (checked before any image is read)."""
+    enable_links(check_unit_name(name), "%s/%s" % (UNIT_DIR, name), content)
+
+
 # --------------------------------------------------------------------------
 # Content of a file to write
 
@@ -692,6 +706,8 @@ def build_request(params: Dict[str, Any], workdir: str) -> Request:
                 raise InjectError(path, "%s: content, src, enabled and masked make no sense with state=absent" % origin)
         elif item.get("content") is not None:
             content = Content(data=str(item["content"]).encode("utf-8"))
+            if item.get("enabled") is True and not item.get("masked"):
+                check_unit_to_enable(name, str(item["content"]))
         elif item.get("src") is not None:
             sources += 1
             content = snapshot_src(item["src"], path, workdir, sources)
@@ -1082,10 +1098,7 @@ class Planner:
                     raise InjectError(path, "unit %s is not in the image (%s); give content or src"
                                       % (unit.name, ", ".join(UNIT_SEARCH_PATH)))
         if unit.enabled is True:
-            links = install_links(unit.name, unit_path, text or "")
-            if not links:
-                raise InjectError(unit_path, "unit %s has no WantedBy=, RequiredBy=, UpheldBy= or Alias= in its "
-                                  "[Install] section; it cannot be enabled" % unit.name)
+            links = enable_links(unit.name, unit_path, text or "")
             for link, target in links:
                 self.links.append(LinkReq(link, target, unit.origin))
             wanted = {link for link, _target in links}

@@ -25,6 +25,7 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._rootfs_inject
     check_environment,
     check_guest_path,
     check_unit_name,
+    check_unit_to_enable,
 )
 
 STATES = ("running", "stopped", "paused", "absent")
@@ -75,6 +76,13 @@ def _injections(label: str, vm: dict[str, Any], key: str, allowed: frozenset[str
             problems.append(f"{where}: {exc.cause}")
         _sources(where, entry, problems)
     return entries
+
+
+def _check_unit(unit: dict[str, Any]) -> None:
+    """rootfs_inject's rules for a unit the role injects (enabled unless ``enabled: false``)."""
+    check_unit_name(unit.get("name"))
+    if isinstance(unit.get("content"), str) and unit.get("enabled", True) is True:
+        check_unit_to_enable(unit["name"], unit["content"])
 
 
 def _one(vm: Any, index: int, profiles: dict[str, Any], defaults: dict[str, Any],
@@ -131,8 +139,7 @@ def _one(vm: Any, index: int, profiles: dict[str, Any], defaults: dict[str, Any]
         problems.append(f"{label}: environment: {exc.cause}")
     plan["environment"] = environment
 
-    plan["systemd_units"] = _injections(label, vm, "systemd_units", UNIT_KEYS,
-                                        lambda unit: check_unit_name(unit.get("name")), problems)
+    plan["systemd_units"] = _injections(label, vm, "systemd_units", UNIT_KEYS, _check_unit, problems)
     plan["files"] = _injections(label, vm, "files", FILE_KEYS,
                                 lambda entry: check_guest_path(entry.get("dest"), "dest"), problems)
 

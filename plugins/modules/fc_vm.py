@@ -384,7 +384,7 @@ def main() -> None:
         enter_task_netns(module.params["netns"], module.params["name"])
         result = run_vm(module.params, module.check_mode, module._diff, module.warn)[0]
     except TaskError as exc:
-        module.fail_json(msg=exc.msg)
+        module.fail_json(msg=exc.msg, changed=exc.changed)
     module.exit_json(**result)
 
 

@@ -52,6 +52,25 @@ options:
       - The named network namespace (C(/run/netns/NAME)) all the VMs' TAPs are in; every VMM runs in it and
         every C(wait_for) is probed from it (as M(microvm.firecracker.fc_vm)'s C(netns)).
     type: str
+  check_mode_stopped:
+    description:
+      - Check mode only (ignored otherwise). The names of VMs that an earlier task of the same run creates or
+        stops, which in check mode changed nothing; for example a new VM whose TAPs and disk do not exist yet,
+        or a running VM that M(microvm.firecracker.rootfs_prepare) stops before injecting into its disk.
+      - Each is predicted as a VM that is stopped (or absent, when it has no state yet) when this task runs, so
+        the prediction matches the real run; its TAPs and drive files need not exist (drive paths must still be
+        absolute), and every other option is checked as usual.
+    type: list
+    elements: str
+    default: []
+  check_mode_taps:
+    description:
+      - Check mode only (ignored otherwise). TAPs that an earlier task of the same run creates (M(microvm.firecracker.tap_vnet_hdr),
+        which in check mode created nothing), for example after a reboot removed the TAPs of VMs that still have
+        their state. They are taken as existing TAPs, as the VMs need them.
+    type: list
+    elements: str
+    default: []
 notes:
   - The readiness checks run in threads, one per VM, each with its own C(wait_for.timeout).
   - Each VM's steps (files, supervisor, API) are those of M(microvm.firecracker.fc_vm); VMs share nothing
@@ -105,8 +124,8 @@ EXAMPLES = r"""
 RETURN = r"""
 vms:
   description:
-    - One entry per VM, in the order of O(vms). An entry has C(name), C(failed) and, for a failed VM, C(msg);
-      when the VM's converge got that far, also every key M(microvm.firecracker.fc_vm) returns (C(changed),
+    - One entry per VM, in the order of O(vms). An entry has C(name), C(failed), C(changed) and, for a failed
+      VM, C(msg); when the VM's converge got that far, also every other key M(microvm.firecracker.fc_vm) returns (C(changed),
       C(state), C(pid), C(api_socket), C(firecracker_version), C(config), C(console_log), C(state_dir),
       C(jail_root), C(supervisor), C(actions), C(differences), C(api_seconds), C(ready_seconds)).
   returned: always
@@ -126,9 +145,11 @@ vms:
       type: str
       returned: when failed
     changed:
-      description: Whether this VM was changed.
+      description:
+        - Whether this VM was changed (predicted in check mode). A VM that failed after its converge had started
+          changing it (for example a VMM started, then refused by the configuration check) counts as changed.
       type: bool
-      returned: when the converge got that far
+      returned: always
     state:
       description: The VM's state after the call (predicted in check mode).
       type: str
@@ -225,6 +246,8 @@ def main() -> None:
         argument_spec=dict(
             vms=dict(type="list", elements="dict", required=True),
             netns=dict(type="str"),
+            check_mode_stopped=dict(type="list", elements="str", default=[]),
+            check_mode_taps=dict(type="list", elements="str", default=[]),
         ),
         supports_check_mode=True,
     )
@@ -233,8 +256,10 @@ def main() -> None:
         module.fail_json(msg="fc_vms: invalid input, nothing was started: " + " | ".join(elements.errors))
     try:
         _fc_vm_task.enter_task_netns(module.params["netns"])
+        assume = _fc_vm_task.CheckModeAssumptions(stopped=frozenset(module.params["check_mode_stopped"]),
+                                                  taps=frozenset(module.params["check_mode_taps"]))
         result = _fc_vm_task.run_vms([params for params in elements.params if params is not None],
-                                     module.params["netns"], module.check_mode, module._diff, module.warn)
+                                     module.params["netns"], module.check_mode, module._diff, module.warn, assume)
     except _fc_vm_task.TaskError as exc:
         module.fail_json(msg=exc.msg)
     if result["failed_names"]:

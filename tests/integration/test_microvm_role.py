@@ -7,8 +7,11 @@ VM directory, no reservation.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -55,7 +58,7 @@ def reservations(net_dir: Path) -> list[str]:
 def test_bad_vm_lists_fail_before_anything_is_created(lab):
     in_netns(lab["netns"], "ip", "link", "add", "fc-c6125402", "type", "veth", "peer", "name", "squatter")
     before = netcheck.snapshot(lab["netns"])
-    unit = {"name": "x.service", "content": "[Service]\nExecStart=/bin/true\n"}
+    unit = {"name": "x.service", "content": "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"}
     cases = [
         ("duplicate names", {"microvm_vms": [{"name": "a1"}, {"name": "a1"}]}, "VM a1: the name is used twice"),
         ("invalid environment key", {"microvm_vms": [{"name": "a1", "environment": {"BAD-KEY": "x"}}]},
@@ -66,6 +69,9 @@ def test_bad_vm_lists_fail_before_anything_is_created(lab):
          "vcpu_count: 1.5 is not a whole number"),
         ("unit without content", {"microvm_vms": [{"name": "a1", "systemd_units": [{"name": "x.service"}]}]},
          "give exactly one of content"),
+        ("unit that cannot be enabled", {"microvm_vms": [{"name": "a1", "systemd_units": [
+            {"name": "x.service", "content": "[Service]\nExecStart=/bin/true\n"}]}]},
+         "systemd_units[0]: unit x.service has no WantedBy=, RequiredBy=, UpheldBy= or Alias= in its [Install] section"),
         ("missing golden image", {"microvm_vms": [{"name": "a1", "image": "nope", "systemd_units": [unit]}]},
          "golden image nope not found"),
         ("address exhaustion", {"host_network_pool_start": "198.18.84.10", "host_network_pool_end": "198.18.84.10",
@@ -101,7 +107,7 @@ def test_all_problems_are_named_at_once(lab):
 def test_check_mode_predicts_a_launch_and_creates_nothing(lab):
     before = netcheck.snapshot(lab["netns"])
     vm = {"name": "c1", "environment": {"TOKEN": "not-shown-1f2e"}, "environment_secret": True,
-          "systemd_units": [{"name": "x.service", "content": "[Service]\nExecStart=/bin/true\n"}]}
+          "systemd_units": [{"name": "x.service", "content": "[Service]\nExecStart=/bin/true\n[Install]\nWantedBy=multi-user.target\n"}]}
     result = lab["runner"].run_playbook(LAUNCH, check=True, extra_vars={**lab["vars"], "microvm_vms": [vm]})
     assert result.rc == 0, result.output
     changed = {r["task"].split(" : ", 1)[-1] for r in result.records if r["result"].get("changed")}
@@ -113,6 +119,55 @@ def test_check_mode_predicts_a_launch_and_creates_nothing(lab):
     assert netcheck.snapshot(lab["netns"]) == before
     assert reservations(lab["net_dir"]) == []
     assert "not-shown-1f2e" not in result.output and "not-shown-1f2e" not in json.dumps(result.records)
+
+
+def exited(pid: int) -> bool:
+    try:
+        return proc_status(pid).get("State", "").startswith("Z")
+    except FileNotFoundError:
+        return True
+
+
+START_TASK = "microvm.firecracker.microvm : Start the VMs and await their readiness (console watched for panics and failed units)"
+
+
+def test_check_mode_predicts_each_task_of_the_real_run(lab):
+    """Check mode names the same changed tasks as the real run that follows, fc_vms included: for a new VM
+    (TAP and disk not there yet), for a running VM whose injected environment changes (stopped, re-injected,
+    started again), and for a VM whose VMM and TAP are gone as after a reboot."""
+    unit = {"name": "x.service", "content": "[Service]\nExecStart=/bin/sleep infinity\n[Install]\nWantedBy=multi-user.target\n"}
+    before = netcheck.snapshot(lab["netns"])
+
+    def launch(environment: dict[str, str]) -> None:
+        variables = {**lab["vars"], "microvm_vms": [{"name": "p1", "environment": environment, "systemd_units": [unit]}]}
+        predicted = lab["runner"].run_playbook(LAUNCH, check=True, extra_vars=variables)
+        assert predicted.rc == 0, predicted.output
+        real = lab["runner"].run_playbook(LAUNCH, extra_vars=variables)
+        assert real.rc == 0, real.output
+        assert predicted.changed_tasks() == real.changed_tasks(), (predicted.changed_tasks(), real.changed_tasks())
+        assert START_TASK in real.changed_tasks(), real.changed_tasks()
+        vm_predicted, vm_real = predicted.task(START_TASK)["vms"][0], real.task(START_TASK)["vms"][0]
+        done = {"would start": "started", "would stop": "stopped"}
+        assert [done.get(action, action) for action in vm_predicted["actions"]] == vm_real["actions"], (vm_predicted, vm_real)
+        assert vm_predicted["state"] == vm_real["state"] == "running"
+
+    try:
+        launch({"ROUND": "1"})  # new VM
+        launch({"ROUND": "2"})  # running VM, environment changed: stopped, re-injected, started again
+        pid = int((lab["state"] / "vms" / "p1" / "firecracker.pid").read_text())
+        tap = json.loads((lab["state"] / "allocations.json").read_text())["allocations"]["p1"]["tap"]
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not exited(pid):
+            assert time.monotonic() < deadline, f"VMM {pid} did not exit after SIGTERM"
+            time.sleep(0.1)
+        in_netns(lab["netns"], "ip", "link", "delete", tap)
+        launch({"ROUND": "2"})  # as after a reboot: no VMM, no TAP, the disk and its record still there
+    finally:
+        gone = lab["runner"].run_playbook(REPO / "playbooks" / "teardown.yml",
+                                          extra_vars={**lab["vars"], "microvm_vms": [{"name": "p1"}]})
+    assert gone.rc == 0, gone.output
+    assert netcheck.snapshot(lab["netns"]) == before and reservations(lab["net_dir"]) == []
 
 
 def test_jailed_vm_launch_rerun_and_teardown(lab, tmp_path):

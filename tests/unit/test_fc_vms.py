@@ -107,7 +107,7 @@ def test_deferred_check_records_failure_and_readiness(monkeypatch):
     """run_vms: converge failures and readiness failures are recorded per VM; the others go on."""
     calls = []
 
-    def fake_run_vm(params, check_mode, want_diff, warn, defer_wait=False, prepared=None):
+    def fake_run_vm(params, check_mode, want_diff, warn, defer_wait=False, prepared=None, assume=None):
         assert defer_wait is True and params["netns"] == "lab"
         calls.append(params["name"])
         if params["name"] == "broken":
@@ -123,7 +123,7 @@ def test_deferred_check_records_failure_and_readiness(monkeypatch):
         return result, check
 
     monkeypatch.setattr(_fc_vm_task, "run_vm", fake_run_vm)
-    monkeypatch.setattr(_fc_vm_task, "validate_vm", lambda params, check_mode: None)
+    monkeypatch.setattr(_fc_vm_task, "validate_vm", lambda params, check_mode, assume: None)
     result = run_vms([{"name": "fast"}, {"name": "broken"}, {"name": "slow"}], "lab", False, True,
                      lambda message: None)
     assert sorted(calls) == ["broken", "fast", "slow"], "every VM converged once (at the same time: any order)"
@@ -133,7 +133,35 @@ def test_deferred_check_records_failure_and_readiness(monkeypatch):
                              "VM slow: 198.18.71.3:8080 did not answer")
     fast, broken, slow = result["vms"]
     assert fast["name"] == "fast" and fast["failed"] is False and fast["ready_seconds"] == 1.5
-    assert broken == {"name": "broken", "failed": True, "msg": "VM broken: cannot start"}
+    assert broken == {"name": "broken", "failed": True, "msg": "VM broken: cannot start", "changed": False}
     assert slow["failed"] is True and slow["state"] == "running" and slow["ready_seconds"] is None
     assert [d["before_header"] for d in result["diff"]] == ["VM fast", "VM slow"]
     assert "diff" not in fast
+
+
+def test_a_vm_that_failed_after_it_was_changed_counts_as_changed(monkeypatch):
+    """run_vms: a VM whose converge failed once it had started changing the VM (a VMM started, then refused)
+    makes the task changed; one that failed before changing anything does not."""
+    def fake_run_vm(params, check_mode, want_diff, warn, defer_wait=False, prepared=None, assume=None):
+        raise TaskError(f"VM {params['name']}: refused", changed=params["name"] == "halfway")
+
+    monkeypatch.setattr(_fc_vm_task, "run_vm", fake_run_vm)
+    monkeypatch.setattr(_fc_vm_task, "validate_vm", lambda params, check_mode, assume: None)
+    untouched = run_vms([{"name": "early"}], None, False, False, lambda message: None)
+    assert untouched["changed"] is False and untouched["failed_names"] == ["early"]
+    halfway = run_vms([{"name": "early"}, {"name": "halfway"}], None, False, False, lambda message: None)
+    assert halfway["changed"] is True and halfway["failed_names"] == ["early", "halfway"]
+    assert [vm["changed"] for vm in halfway["vms"]] == [False, True]
+
+
+def test_task_errors_carry_whether_the_vm_was_touched():
+    touched = [False]
+    with pytest.raises(TaskError) as before:
+        with _fc_vm_task._task_errors("v1", touched):
+            raise OSError(2, "No such file or directory", "/x")
+    assert before.value.changed is False and before.value.msg == "VM v1: No such file or directory: /x"
+    touched[0] = True
+    with pytest.raises(TaskError) as after:
+        with _fc_vm_task._task_errors("v1", touched):
+            raise OSError(2, "No such file or directory", "/x")
+    assert after.value.changed is True

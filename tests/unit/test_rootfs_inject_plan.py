@@ -526,3 +526,12 @@ def test_compile_ops_directories_and_symlinks(tmp_path):
     tmp = ri.tmp_name("/srv/l")
     assert commands == ['mkdir "/srv"', 'sif "/srv" "mode" "040750"', 'sif "/srv" "uid" "0"', 'sif "/srv" "gid" "0"',
                         'symlink "%s" "/x y"' % tmp, 'ln "%s" "/srv/l"' % tmp, 'unlink "%s"' % tmp]
+
+
+def test_a_unit_to_enable_is_checked_before_any_image_is_read(tmp_path):
+    """build_request refuses a unit with content that could not be enabled: no image is needed to know."""
+    with pytest.raises(ri.InjectError, match="cannot be enabled"):
+        ri.build_request({"systemd_units": [dict(name="a.service", content="[Service]\n", enabled=True)]}, str(tmp_path))
+    request = ri.build_request({"systemd_units": [dict(name="a.service", content="[Service]\n", enabled=False)]},
+                               str(tmp_path))
+    assert [unit.name for unit in request.units] == ["a.service"]

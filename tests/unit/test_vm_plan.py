@@ -59,6 +59,10 @@ def test_profiles_defaults_and_overrides_resolve():
     ([{"name": "a", "vcpus": 2}], "VM a: unknown key(s) vcpus"),
     ([{"name": "a", "systemd_units": [{"name": "x.service"}]}], "give exactly one of content"),
     ([{"name": "a", "systemd_units": [{"name": "nosuffix", "content": ""}]}], "systemd unit name 'nosuffix' is not valid"),
+    ([{"name": "a", "systemd_units": [{"name": "x.service", "content": "[Service]\nExecStart=/bin/true\n"}]}],
+     "VM a: systemd_units[0]: unit x.service has no WantedBy=, RequiredBy=, UpheldBy= or Alias= in its [Install] section"),
+    ([{"name": "a", "systemd_units": [{"name": "x@.service", "content": "[Install]\nWantedBy=multi-user.target\n"}]}],
+     "template unit x@.service has no DefaultInstance="),
     ([{"name": "a", "files": [{"dest": "relative/path", "content": ""}]}], "VM a: files[0]"),
     ([{"name": "a", "wait_for": {"path": "/"}}], "wait_for must be a dict with at least a port"),
     ([{"name": "a", "state": "on"}], "state 'on' is not one of"),
@@ -229,3 +233,9 @@ def test_clone_refuses_a_disk_in_use(tmp_path: Path):
     with pytest.raises(_clone.CloneError, match="cannot resolve"):
         _clone.apply(str(tmp_path / "missing"), str(tmp_path / "e.ext4"), "present", False, check_mode=False)
     assert sorted(os.listdir(tmp_path)) == sorted([src.name, disk.name, disk.name + _clone.RECORD_SUFFIX])
+
+
+def test_a_unit_that_is_not_enabled_needs_no_install_section():
+    unit = {"name": "x.service", "content": "[Service]\nExecStart=/bin/true\n", "enabled": False}
+    vms = [{"name": "a", "systemd_units": [unit]}]
+    assert vm_plan(vms, PROFILES, DEFAULTS)["errors"] == []
