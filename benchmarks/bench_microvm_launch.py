@@ -14,7 +14,9 @@ cached in benchmarks/results/cache/golden), and the Firecracker API stand-in as 
    disk record, injection fingerprint, ``GET /vm/config``, readiness probe).
 4. ``teardown``: teardown.yml for all of them.
 The baseline in the same run is ``ansible_noop``: ansible-playbook running one ``ansible.builtin.ping``
-against the same inventory (interpreter and controller start-up), which every run pays once.
+against the same inventory (interpreter and controller start-up), which every run pays once. ``empty_launch``
+is launch.yml with an empty VM list: the role loaded, the host network settings read and the list checked,
+nothing else; every launch, a re-run included, pays at least that.
 Targets (issue #5): host-side ≤ 1 s per VM; the unchanged re-run ≤ 25% of the first run.
 """
 from __future__ import annotations
@@ -122,12 +124,13 @@ def run() -> dict[str, Any]:
         runner.play([{"ansible.builtin.include_role": {"name": "microvm.firecracker.host_network"}}], variables)
         noop = runner.play([{"ansible.builtin.ping": {}}], variables)[0]
         launch = REPO / "playbooks" / "launch.yml"
+        empty = runner.playbook(launch, {**variables, "microvm_vms": []})[0]
         first, first_records = runner.playbook(launch, {**variables, "microvm_vms": vms})
         runner.playbook(launch, {**variables, "microvm_vms": waited})
         rerun, rerun_records = runner.playbook(launch, {**variables, "microvm_vms": waited})
         changed = [r["task"] for r in rerun_records if r["result"].get("changed")]
-        teardown = runner.playbook(REPO / "playbooks" / "teardown.yml",
-                                   {**variables, "microvm_vms": vms, "microvm_teardown_all": True})[0]
+        teardown, teardown_records = runner.playbook(REPO / "playbooks" / "teardown.yml",
+                                                     {**variables, "microvm_vms": vms, "microvm_teardown_all": True})
     finally:
         for pidfile in [*tmp.rglob("firecracker.pid"), *tmp.rglob("dnsmasq.pid")]:
             try:
@@ -141,6 +144,7 @@ def run() -> dict[str, Any]:
         "figures": {
             "vms": count,
             "ansible_noop_s": round(noop, 2),
+            "empty_launch_s": round(empty, 2),
             "first_run_s": round(first, 2),
             "host_side_per_vm_s": round(host_side_per_vm, 2),
             "unchanged_rerun_s": round(rerun, 2),
@@ -151,10 +155,12 @@ def run() -> dict[str, Any]:
             "rerun_tasks_seconds_sum": round(sum(record["seconds"] for record in rerun_records), 2),
             "first_run_slowest_tasks_s": slowest(first_records),
             "rerun_slowest_tasks_s": slowest(rerun_records),
+            "teardown_slowest_tasks_s": slowest(teardown_records),
         },
         "ratios": {
             "rerun_vs_first": round(rerun / first, 2),
             "rerun_minus_noop_vs_first_minus_noop": round((rerun - noop) / (first - noop), 2),
+            "empty_launch_vs_first": round(empty / first, 2),
         },
         "targets": {
             "host_side_per_vm_s <= 1.0": host_side_per_vm <= 1.0,

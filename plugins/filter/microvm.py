@@ -18,6 +18,7 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._vm_plan impor
     vm_prepare_args,
     vm_report,
     vm_start_args,
+    vm_teardown_args,
 )
 
 
@@ -46,6 +47,13 @@ def _vm_start_args(launches: Any, prepared: Any, skip: Any = None) -> list[dict[
         raise AnsibleFilterError("vm_start_args: %s" % exc) from exc
 
 
+def _vm_teardown_args(names: Any, allocations: Any, settings: Any) -> dict[str, Any]:
+    try:
+        return vm_teardown_args(names, allocations, settings)
+    except PlanError as exc:
+        raise AnsibleFilterError("vm_teardown_args: %s" % exc) from exc
+
+
 def _fleet_subnet(supernet: Any, prefix: Any, index: Any) -> str:
     try:
         return fleet_subnet(supernet, prefix, index)
@@ -58,4 +66,5 @@ class FilterModule:
         return {
             "vm_plan": _vm_plan, "vm_launch": _vm_launch, "vm_injections": _vm_injections, "fleet_subnet": _fleet_subnet,
             "vm_prepare_args": vm_prepare_args, "vm_start_args": _vm_start_args, "vm_report": vm_report,
+            "vm_teardown_args": _vm_teardown_args,
         }

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from ansible_collections.microvm.firecracker.plugins.module_utils._jail import (
     JAIL_LOG,
+    UNIX_PATH_MAX,
     Jail,
     JailError,
     build_jail,
@@ -25,7 +26,6 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._jail import (
 # 256 MiB guests died of OOM at boot.
 MIN_MEM_MIB = 512
 MAX_VCPUS = 32
-UNIX_PATH_MAX = 107
 DEFAULT_VMS_DIR = "/var/lib/firecracker/vms"
 # fc_vm's record in a VM's state dir (its name and, when jailed, where its jail is).
 MARKER = ".fc_vm"
@@ -54,10 +54,6 @@ class VMSpec:
     console_log: str
     log_path: str
     jail: Optional[Jail] = None
-
-    @property
-    def api_socket(self) -> str:
-        return os.path.join(self.state_dir, "api.sock")
 
 
 def _whole_number(field: str, value: Any, low: int, high: Optional[int] = None) -> int:

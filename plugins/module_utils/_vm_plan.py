@@ -325,6 +325,22 @@ def vm_start_args(launches: list[dict[str, Any]], prepared: list[dict[str, Any]]
     return vms
 
 
+def vm_teardown_args(names: list[str], allocations: dict[str, dict[str, Any]],
+                     settings: dict[str, Any]) -> dict[str, Any]:
+    """What removing the VMs ``names`` takes, one task each: ``vms`` (fc_vms' elements, state absent), ``taps``
+    (tap_vnet_hdr's, from the host's allocations; a VM with no allocation has none) and ``dirs``."""
+    if not isinstance(names, list) or not all(isinstance(name, str) and name for name in names):
+        raise PlanError(f"the VM names to remove must be a list of names, not {names!r}")
+    state_dir = settings["state_dir"]
+    return {
+        "vms": [{"name": name, "state": "absent", "state_dir": f"{state_dir}/vms/{name}",
+                 "supervisor": settings["supervisor"], "stop_timeout": int(settings["stop_timeout"])}
+                for name in names],
+        "taps": [{"name": allocations[name]["tap"]} for name in names if name in allocations],
+        "dirs": [f"{state_dir}/vms/{name}" for name in names],
+    }
+
+
 def vm_report(launches: list[dict[str, Any]], prepared: list[dict[str, Any]],
               started: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The microvm_launched fact: per VM name, its address, TAP, files, golden version, pid and readiness."""

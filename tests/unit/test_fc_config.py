@@ -46,7 +46,7 @@ def test_renders_config_file_format(files):
     assert config["network-interfaces"] == [{"iface_id": "eth0", "host_dev_name": "fc-vm1",
                                              "guest_mac": "06:00:c6:12:00:02"}]
     assert config["logger"]["log_path"] == "/var/lib/firecracker/vms/vm1/vmm.log"
-    assert spec.api_socket == "/var/lib/firecracker/vms/vm1/api.sock"
+    assert spec.state_dir == "/var/lib/firecracker/vms/vm1"
 
 
 @pytest.mark.parametrize("field, value, fragment", [

@@ -19,6 +19,7 @@ from ansible_collections.microvm.firecracker.plugins.module_utils._vm_plan impor
     vm_prepare_args,
     vm_report,
     vm_start_args,
+    vm_teardown_args,
 )
 
 PROFILES = {"small": {"vcpu_count": 1, "mem_size_mib": 512}, "big": {"vcpu_count": 4, "mem_size_mib": 4096}}
@@ -239,3 +240,18 @@ def test_a_unit_that_is_not_enabled_needs_no_install_section():
     unit = {"name": "x.service", "content": "[Service]\nExecStart=/bin/true\n", "enabled": False}
     vms = [{"name": "a", "systemd_units": [unit]}]
     assert vm_plan(vms, PROFILES, DEFAULTS)["errors"] == []
+
+
+def test_teardown_args_one_task_each_for_vms_taps_and_dirs():
+    allocations = {"a": {"ip": "198.18.84.2", "tap": "fc-aaaa"}, "b": {"ip": "198.18.84.3", "tap": "fc-bbbb"}}
+    settings = {"state_dir": "/var/lib/microvm", "supervisor": "process", "stop_timeout": "7"}
+    removal = vm_teardown_args(["b", "orphan"], allocations, settings)
+    assert removal["vms"] == [
+        {"name": "b", "state": "absent", "state_dir": "/var/lib/microvm/vms/b", "supervisor": "process", "stop_timeout": 7},
+        {"name": "orphan", "state": "absent", "state_dir": "/var/lib/microvm/vms/orphan", "supervisor": "process",
+         "stop_timeout": 7}]
+    assert removal["taps"] == [{"name": "fc-bbbb"}], "a VM with no allocation has no TAP to remove"
+    assert removal["dirs"] == ["/var/lib/microvm/vms/b", "/var/lib/microvm/vms/orphan"]
+    assert vm_teardown_args([], allocations, settings) == {"vms": [], "taps": [], "dirs": []}
+    with pytest.raises(PlanError, match="must be a list of names"):
+        vm_teardown_args("b", allocations, settings)
