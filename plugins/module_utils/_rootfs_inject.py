@@ -519,8 +519,9 @@ def enable_links(name: str, unit_path: str, text: str) -> List[Tuple[str, str]]:
 
 
 def check_unit_to_enable(name: str, content: str) -> None:
-    """Raise InjectError when a unit with this content could not be enabled (checked before any image is read)."""
-    enable_links(check_unit_name(name), "%s/%s" % (UNIT_DIR, name), content)
+    """Raise InjectError when a unit (its name already checked) with this content could not be enabled
+    (checked before any image is read)."""
+    enable_links(name, "%s/%s" % (UNIT_DIR, name), content)
 
 
 # --------------------------------------------------------------------------

@@ -125,8 +125,8 @@ RETURN = r"""
 vms:
   description:
     - One entry per VM, in the order of O(vms). An entry has C(name), C(failed), C(changed) and, for a failed
-      VM, C(msg); when the VM's converge got that far, also every other key M(microvm.firecracker.fc_vm) returns (C(changed),
-      C(state), C(pid), C(api_socket), C(firecracker_version), C(config), C(console_log), C(state_dir),
+      VM, C(msg); when the VM's converge got that far, also every other key M(microvm.firecracker.fc_vm) returns
+      (C(state), C(pid), C(api_socket), C(firecracker_version), C(config), C(console_log), C(state_dir),
       C(jail_root), C(supervisor), C(actions), C(differences), C(api_seconds), C(ready_seconds)).
   returned: always
   type: list
